@@ -1,0 +1,51 @@
+"""What every command shares: user-error mapping, warnings on stderr, rich progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+stderr = Console(stderr=True)
+
+
+class _ClickHandler(logging.Handler):
+    def emit(self, record):
+        click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    log = logging.getLogger("cpm_deploy")
+    log.handlers[:] = [_ClickHandler()]
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
+
+
+@contextlib.contextmanager
+def user_errors(*types: type[BaseException]):
+    """Turn the library's user-facing errors into one-line ClickExceptions (no traceback)."""
+    try:
+        yield
+    except types as e:
+        raise click.ClickException(str(e)) from None
+
+
+@contextlib.contextmanager
+def stage_progress(labels: dict[str, str], enabled: bool = True):
+    """Yield ``step(stage, done, total)`` that drives one progress bar per stage on stderr."""
+    if not enabled:
+        yield lambda *a: None
+        return
+    columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def step(stage: str, done: int, total: int):
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(labels.get(stage, stage), total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield step

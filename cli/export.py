@@ -1,0 +1,90 @@
+"""cpm-export: checkpoint -> verified deployment bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .common import setup_logging, stage_progress, user_errors
+
+STAGES = {"load": "loading checkpoint", "reference": "torch reference", "export": "writing ONNX (layers)",
+          "verify": "verifying (onnxruntime)"}
+
+
+def parity_table(report: dict) -> Table:
+    table = Table(title=f"parity vs PyTorch (atol {report['atol']}, rtol {report['rtol']})")
+    for col in ("case", "logits max|Δ|", "presents max|Δ|", "top-1", "ok"):
+        table.add_column(col)
+    for c in report["cases"]:
+        table.add_row(c["case"], f"{c.get('logits_max_abs_diff', float('nan')):.2e}",
+                      f"{c.get('presents_max_abs_diff', float('nan')):.2e}",
+                      f"{c.get('top1_agreement', 0):.1%}", "yes" if c["passed"] else "[red]NO[/red]")
+    return table
+
+
+def summary_table(out: Path, manifest: dict) -> Table:
+    cfg, graph = manifest["model"], manifest["graphs"]["decoder"]
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    table = Table(title=f"bundle {out}", show_header=False)
+    rows = [
+        ("model", f"{cfg['n_layer']} layers, {cfg['n_embd']} wide, {cfg['n_head']} heads, vocab {cfg['vocab_size']}"),
+        ("source", f"{manifest['source']['format']}"),
+        ("graph", f"{graph['file']} (opset {graph['opset']}, {graph['precision']}), "
+                  f"{graph['nodes']['per_layer']} nodes/layer, {graph['nodes']['total']} in all"),
+        ("parity", f"logits max|Δ| {graph['parity']['logits_max_abs_diff']:.2e}, "
+                   f"top-1 {graph['parity']['top1_agreement']:.1%} over {len(graph['parity']['cases'])} cases"),
+        ("size", f"{size / 1e6:,.1f} MB in {len(manifest['files'])} files"),
+        ("time", ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings_s"].items())),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("-t", "--tokenizer", type=click.Path(path_type=Path, dir_okay=False),
+              help="sentencepiece model to ship (default: spiece.model / chinese_vocab.model beside SRC).")
+@click.option("--opset", type=click.IntRange(17, 21), default=17, show_default=True,
+              help="ONNX opset; 20+ uses the native Gelu op, 17 keeps TensorRT 8.6 able to parse the graph.")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance of the parity check.")
+@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance of the parity check.")
+@click.option("--num-heads", type=click.IntRange(1), help="Attention heads, for original checkpoints that do not store it.")
+@click.option("--threads", type=click.IntRange(1), help="onnxruntime threads during verification.")
+@click.option("-f", "--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("-v", "--verbose", is_flag=True, help="Informational messages too.")
+def main(src, out, tokenizer, opset, atol, rtol, num_heads, threads, overwrite, quiet, verbose):
+    """Export the CPM checkpoint SRC to a verified ONNX bundle OUT.
+
+    SRC is a Hugging Face GPT-2 folder (config.json + model.safetensors, pytorch_model.bin or a
+    sharded index) or an original CPM-Generate folder (latest_checkpointed_iteration.txt,
+    ITER/mp_rank_XX_model_states.pt). The decoder is checked against the PyTorch reference with
+    onnxruntime before the bundle is written; on a miss nothing is written and the exit is 1.
+
+    \b
+    Examples:
+      cpm-export ./CPM-Generate-hf ./cpm-bundle
+      cpm-export ./CPM-Generate ./cpm-bundle --tokenizer ./bpe_3w_new/chinese_vocab.model
+      cpm-export ./ckpt ./bundle --opset 20 --overwrite
+    """
+    setup_logging(verbose)
+    from ..exporter import CheckpointError, ConfigError, ExportOptions, ParityError, export_bundle
+    from ..exporter.staging import OutputExistsError
+
+    options = ExportOptions(opset=opset, atol=atol, rtol=rtol, tokenizer=tokenizer, n_heads=num_heads,
+                            overwrite=overwrite, threads=threads)
+    console = Console()
+    try:
+        with user_errors(CheckpointError, ConfigError, OutputExistsError, FileNotFoundError):
+            with stage_progress(STAGES, enabled=not quiet) as step:
+                manifest = export_bundle(src, out, options, step)
+    except ParityError as e:
+        console.print(parity_table(e.report))
+        raise click.ClickException(str(e)) from None
+    console.print(parity_table(manifest["graphs"]["decoder"]["parity"]))
+    console.print(summary_table(out, manifest))

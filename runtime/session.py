@@ -1,0 +1,57 @@
+"""onnxruntime sessions: provider resolution and a Polygraphy-style runner. No torch here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class ProviderError(ValueError):
+    """An execution provider that is unknown or not present in the installed onnxruntime."""
+
+
+def resolve_providers(provider: str) -> list[str]:
+    import onnxruntime as ort
+
+    key = provider.lower()
+    if key not in PROVIDERS:
+        raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+    name = PROVIDERS[key]
+    available = ort.get_available_providers()
+    if name not in available:
+        hint = " (install onnxruntime-gpu in place of onnxruntime)" if key != "cpu" else ""
+        raise ProviderError(f"{name} is not available in this onnxruntime{hint}; available: {', '.join(available)}")
+    # CUDA keeps the CPU provider as fallback for the few ops it lacks; TensorRT falls back to both.
+    return {"cpu": [name], "cuda": [name, PROVIDERS["cpu"]],
+            "tensorrt": [name, PROVIDERS["cuda"], PROVIDERS["cpu"]]}[key]
+
+
+def create_session(path: str | Path, provider: str = "cpu", threads: int | None = None, optimize: bool = True):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=resolve_providers(provider))
+
+
+class OnnxRuntimeRunner:
+    """One ``infer(feeds) -> {name: array}`` call, as Polygraphy's runners have."""
+
+    def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None, optimize: bool = True):
+        self.session = create_session(path, provider, threads, optimize)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
