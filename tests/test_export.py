@@ -1,0 +1,133 @@
+"""cpm-export: bundle contents, graph hygiene, parity gate, atomic output."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from cpm_deploy.cli.export import main as export_cli
+from cpm_deploy.exporter import export_bundle
+from cpm_deploy.runtime.bundle import Bundle, BundleError
+
+
+def test_bundle_manifest_and_checksums(tiny_bundle, tiny_cfg):
+    bundle = Bundle.open(tiny_bundle)  # verifies every sha256
+    m = bundle.manifest
+    assert m["model"]["n_layer"] == tiny_cfg.n_layer and m["special_tokens"]["eod"] == 7
+    assert set(m["files"]) == {p.name for p in tiny_bundle.iterdir()} - {"manifest.json"}
+    graph = m["graphs"]["decoder"]
+    assert graph["precision"] == "fp32" and graph["opset"] == 17
+    assert graph["parity"]["passed"] and graph["parity"]["top1_agreement"] == 1.0
+    cases = {c["case"] for c in graph["parity"]["cases"]}
+    assert {"b1_s17_p0", "b1_s1_p9", "b3_s17_p9", "b3_s1_p9_leftpad"} <= cases
+    assert graph["parity"]["logits_max_abs_diff"] < 1e-4
+    assert {"torch", "onnx", "onnxruntime", "cpm_deploy"} <= set(m["created_by"])
+    assert [i["name"] for i in graph["io"]["inputs"][:4]] == ["input_ids", "attention_mask", "position_ids",
+                                                             "past_key_values.0.key"]
+    assert graph["io"]["outputs"][1] == {"name": "present.0.key", "dtype": "float32",
+                                         "shape": ["batch_size", tiny_cfg.n_head, "total_sequence_length", tiny_cfg.head_dim]}
+
+
+def test_graph_is_standard_clean_and_external(tiny_bundle):
+    model = onnx.load(tiny_bundle / "decoder.onnx", load_external_data=False)
+    assert {o.domain for o in model.opset_import} == {""} and model.opset_import[0].version >= 17
+    assert all(n.domain == "" for n in model.graph.node)
+    assert "LayerNormalization" in {n.op_type for n in model.graph.node}
+    big = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert {e.value for t in big for e in t.external_data if e.key == "location"} == {"decoder.onnx.data"}
+    small = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    for value in small:  # no -inf / float32-min mask constants (they overflow in fp16)
+        if value.dtype.kind == "f":
+            assert np.all(np.isfinite(value)) and np.all(np.abs(value) < 65504)
+    assert json.loads((tiny_bundle / "manifest.json").read_text())["graphs"]["decoder"]["nodes"]["per_layer"] <= 40
+
+
+def test_dynamic_dims_declared(tiny_bundle):
+    model = onnx.load(tiny_bundle / "decoder.onnx", load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims["input_ids"] == ["batch_size", "sequence_length"]
+    assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert dims["past_key_values.1.value"][2] == "past_sequence_length"
+
+
+def test_opset_20_uses_native_gelu(tmp_path, tiny_hf):
+    from cpm_deploy.exporter import ExportOptions
+
+    m = export_bundle(tiny_hf, tmp_path / "b20", ExportOptions(opset=20))
+    model = onnx.load(tmp_path / "b20" / "decoder.onnx", load_external_data=False)
+    assert "Gelu" in {n.op_type for n in model.graph.node} and "Tanh" not in {n.op_type for n in model.graph.node}
+    assert m["graphs"]["decoder"]["parity"]["passed"]
+
+
+def test_cli_export_summary(tmp_path, tiny_hf):
+    result = CliRunner().invoke(export_cli, [str(tiny_hf), str(tmp_path / "b"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "nodes/layer" in result.output and "b1_s17_p0" in result.output
+    again = CliRunner().invoke(export_cli, [str(tiny_hf), str(tmp_path / "b"), "-q"])
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    over = CliRunner().invoke(export_cli, [str(tiny_hf), str(tmp_path / "b"), "-q", "--overwrite"])
+    assert over.exit_code == 0
+    Bundle.open(tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_parity_miss_fails_and_writes_nothing(tmp_path, tiny_hf):
+    result = CliRunner().invoke(export_cli, [str(tiny_hf), str(tmp_path / "b"), "-q", "--atol", "0", "--rtol", "0"])
+    assert result.exit_code == 1
+    assert "parity check failed" in result.output and "no bundle was written" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, tiny_hf, monkeypatch):
+    from cpm_deploy.exporter import export as export_mod
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_mod, "run_parity", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(tiny_hf, tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_user_errors_are_one_line(tmp_path, tiny_hf):
+    runner = CliRunner()
+    for args, text in [
+        ([str(tmp_path / "nope"), str(tmp_path / "b")], "does not exist"),
+        ([str(tmp_path), str(tmp_path / "b")], "neither a Hugging Face folder"),
+        ([str(tiny_hf), str(tmp_path / "missing-parent" / "b")], "parent folder"),
+        ([str(tiny_hf), str(tmp_path / "b"), "--tokenizer", str(tmp_path / "x.model")], "not found"),
+    ]:
+        result = runner.invoke(export_cli, args + ["-q"])
+        assert result.exit_code == 1, (args, result.output)
+        assert text in result.output and "Traceback" not in result.output
+
+
+def test_tokenizer_required(tmp_path, tiny_hf):
+    import shutil
+
+    ck = tmp_path / "no-tok"
+    shutil.copytree(tiny_hf, ck)
+    (ck / "spiece.model").unlink()
+    result = CliRunner().invoke(export_cli, [str(ck), str(tmp_path / "b"), "-q"])
+    assert result.exit_code == 1 and "--tokenizer" in result.output
+
+
+def test_corrupt_bundle_is_detected(tmp_path, tiny_bundle):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    data = bytearray((b / "decoder.onnx.data").read_bytes())
+    data[100] ^= 0xFF
+    (b / "decoder.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="checksum mismatch for decoder.onnx.data"):
+        Bundle.open(b)
+    (b / "decoder.onnx.data").write_bytes(bytes(data[:-1]))
+    with pytest.raises(BundleError, match="bytes"):
+        Bundle.open(b, verify=False)
+    (b / "manifest.json").write_text("{broken")
+    with pytest.raises(BundleError, match="corrupt"):
+        Bundle.open(b)
