@@ -1,0 +1,15 @@
+"""Torch-free runtime: tokenizer, sampling, onnxruntime sessions, generation.
+
+    from cpm_deploy.runtime import CPMGenerator
+    gen = CPMGenerator.from_bundle("cpm-bundle")
+    gen("清华大学", max_length=50, do_sample=True, top_p=0.9)
+"""
+
+from .bundle import Bundle, BundleError
+from .generator import CPMGenerator, GenerationError
+from .sampling import SamplingConfig
+from .session import ProviderError
+from .tokenizer import CPMTokenizer, StreamDecoder
+
+__all__ = ["Bundle", "BundleError", "CPMGenerator", "CPMTokenizer", "GenerationError", "ProviderError",
+           "SamplingConfig", "StreamDecoder"]

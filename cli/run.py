@@ -1,0 +1,96 @@
+"""cpm-run: generate text from a cpm-export bundle."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .common import setup_logging, user_errors
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt", required=False)
+@click.option("-n", "--max-new-tokens", type=int, help="Tokens to generate (default 50).")
+@click.option("-l", "--max-length", type=int, help="Total length including the prompt, as in transformers.")
+@click.option("-s", "--sample", "do_sample", is_flag=True, help="Sample instead of greedy decoding.")
+@click.option("-t", "--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature (with --sample).")
+@click.option("-k", "--top-k", type=int, default=0, show_default=True, help="Keep the k most likely tokens; 0 = off.")
+@click.option("-p", "--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass; 1 = off.")
+@click.option("-r", "--repetition-penalty", type=float, default=1.0, show_default=True, help="CTRL-style penalty; 1 = off.")
+@click.option("--seed", type=int, help="Seed for reproducible sampling.")
+@click.option("-N", "--num-return-sequences", type=int, default=1, show_default=True, help="Continuations per prompt (with --sample).")
+@click.option("--stop", multiple=True, help="Stop when this string appears (repeatable); <eod> always stops.")
+@click.option("-f", "--prompts-file", type=click.File("r", encoding="utf-8"),
+              help="One prompt per line ('-' for stdin); prints JSON lines.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider.")
+@click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--truncate-prompt", is_flag=True, help="Drop the start of prompts that are too long instead of failing.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle files (sizes are still checked).")
+@click.option("--benchmark", is_flag=True, help="Print prompt tokens/s, decode tokens/s, time to first token, peak memory.")
+def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top_k, top_p, repetition_penalty,
+         seed, num_return_sequences, stop, prompts_file, provider, threads, truncate_prompt, no_verify, benchmark):
+    """Generate a continuation of PROMPT with the model in BUNDLE, streamed to stdout.
+
+    Without PROMPT, prompts are read one per line from --prompts-file or from stdin, and each
+    result is printed as a JSON line: {"prompt": ..., "generated_text": [...]}.
+
+    \b
+    Examples:
+      cpm-run ./cpm-bundle "清华大学"
+      cpm-run ./cpm-bundle "天下是否太平" -n 100 --sample -p 0.9 --seed 1
+      cpm-run ./cpm-bundle -f prompts.txt > out.jsonl
+      cpm-run ./cpm-bundle "清华大学" --benchmark -n 128
+    """
+    setup_logging()
+    from ..runtime import BundleError, CPMGenerator, GenerationError, ProviderError, SamplingConfig
+
+    errors = (BundleError, GenerationError, ProviderError, ValueError, FileNotFoundError)
+    with user_errors(*errors):
+        sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
+        SamplingConfig(**sampling)  # validate before the (slow) model load
+        if num_return_sequences < 1:
+            raise GenerationError(f"--num-return-sequences must be >= 1, got {num_return_sequences}")
+        if prompt is None and prompts_file is None:
+            if sys.stdin is None or sys.stdin.isatty():
+                raise click.UsageError("give a PROMPT, or prompts with --prompts-file / on stdin")
+            prompts_file = sys.stdin
+        gen = CPMGenerator.from_bundle(bundle, provider=provider, threads=threads, verify=not no_verify)
+        lengths = dict(max_length=max_length, max_new_tokens=max_new_tokens, truncate_prompt=truncate_prompt)
+        if benchmark:
+            _benchmark(gen, prompt or "清华大学", lengths, SamplingConfig(**sampling))
+        elif prompt is not None and num_return_sequences == 1:
+            for piece in gen.stream(prompt, **lengths, **sampling):
+                click.echo(piece, nl=False)
+            click.echo()
+        elif prompt is not None:
+            for item in gen(prompt, num_return_sequences=num_return_sequences, **lengths, **sampling):
+                click.echo(item["generated_text"])
+        else:
+            for line in prompts_file:
+                text = line.rstrip("\n")
+                if not text.strip():
+                    continue
+                out = gen(text, num_return_sequences=num_return_sequences, **lengths, **sampling)
+                click.echo(json.dumps({"prompt": text, "generated_text": [o["generated_text"] for o in out]},
+                                      ensure_ascii=False))
+
+
+def _benchmark(gen, prompt, lengths, cfg):
+    from ..runtime.benchmark import measure
+
+    req = gen.prepare([prompt], lengths["max_length"], lengths["max_new_tokens"], lengths["truncate_prompt"])
+    r = measure(gen, req.prompts[0], req.max_new_tokens, cfg)
+    click.echo(f"prompt tokens        {r['prompt_tokens']}")
+    click.echo(f"new tokens           {r['new_tokens']}")
+    click.echo(f"time to first token  {r['time_to_first_token_s'] * 1000:.1f} ms")
+    click.echo(f"prompt tokens/s      {r['prompt_tokens_per_s']:.1f}")
+    click.echo(f"decode tokens/s      {r['decode_tokens_per_s']:.1f}")
+    click.echo(f"peak memory          {r['peak_rss_mb']:.0f} MB")

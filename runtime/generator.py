@@ -1,0 +1,201 @@
+"""CPMGenerator: text in, text out, on a cpm-export bundle with onnxruntime. No torch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle
+from .decoder import OrtDecoder
+from .sampling import SamplingConfig, next_tokens
+from .tokenizer import CPMTokenizer, StreamDecoder
+
+log = logging.getLogger("cpm_deploy")
+DEFAULT_NEW_TOKENS = 50
+
+
+class GenerationError(ValueError):
+    """A request that cannot be served as asked (prompt too long, bad lengths, empty prompt)."""
+
+
+@dataclass
+class Request:
+    """Validated lengths for one call."""
+
+    prompts: list[list[int]]
+    max_new_tokens: int
+
+
+class CPMGenerator:
+    def __init__(self, decoder, tokenizer: CPMTokenizer, config: dict):
+        self.decoder, self.tokenizer, self.config = decoder, tokenizer, config
+        self.n_positions = config["n_positions"]
+        self.eod_id = config.get("eod_id", tokenizer.eod_id)
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
+                    verify: bool = True, variant: str = "decoder") -> "CPMGenerator":
+        bundle = Bundle.open(path, verify=verify)
+        if bundle.tokenizer_path is None:
+            raise ValueError(f"bundle {path} ships no tokenizer model")
+        decoder = OrtDecoder(bundle.graph_path(variant), bundle.config, provider, threads)
+        return cls(decoder, CPMTokenizer(bundle.tokenizer_path), bundle.config)
+
+    # -- the pipeline-style call ------------------------------------------------------------------
+    def __call__(self, prompts: str | Sequence[str], max_length: int | None = None,
+                 max_new_tokens: int | None = None, num_return_sequences: int = 1,
+                 truncate_prompt: bool = False, **sampling) -> list:
+        """Like transformers' TextGenerationPipeline: [{'generated_text': prompt + continuation}].
+
+        A list of prompts gives a list of such lists. Sampling keywords: do_sample, temperature,
+        top_k, top_p, repetition_penalty, seed, stop.
+        """
+        single = isinstance(prompts, str)
+        texts = [prompts] if single else list(prompts)
+        ids = self.generate_ids(texts, max_length=max_length, max_new_tokens=max_new_tokens,
+                                num_return_sequences=num_return_sequences, truncate_prompt=truncate_prompt, **sampling)
+        stop = tuple(sampling.get("stop") or ())
+        out = [[{"generated_text": text + self._finish(ids[i * num_return_sequences + j], stop)}
+                for j in range(num_return_sequences)] for i, text in enumerate(texts)]
+        return out[0] if single else out
+
+    def _finish(self, ids: list[int], stop: tuple[str, ...]) -> str:
+        text = self.tokenizer.decode([t for t in ids if t != self.eod_id])
+        return _cut_at_stop(text, stop)[0]
+
+    # -- token level ------------------------------------------------------------------------------
+    def prepare(self, texts: Sequence[str], max_length: int | None, max_new_tokens: int | None,
+                truncate_prompt: bool) -> Request:
+        if not texts:
+            raise GenerationError("no prompt given")
+        prompts = []
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise GenerationError("empty prompt")
+            prompts.append(self.tokenizer.encode(t))
+        return self.check_lengths(prompts, max_length, max_new_tokens, truncate_prompt)
+
+    def check_lengths(self, prompts: list[list[int]], max_length: int | None, max_new_tokens: int | None,
+                      truncate_prompt: bool = False) -> Request:
+        if max_length is not None and max_new_tokens is not None:
+            raise GenerationError("give max_length or max_new_tokens, not both")
+        if max_length is not None and max_length > self.n_positions:
+            raise GenerationError(f"max_length {max_length} exceeds the model's {self.n_positions} positions")
+        longest = max(len(p) for p in prompts)
+        if not all(prompts):
+            raise GenerationError("a prompt encodes to no tokens")
+        if max_length is not None:
+            new = max_length - longest
+            if new < 1:
+                raise GenerationError(f"max_length {max_length} leaves no room after a {longest}-token prompt "
+                                      "(max_length counts the prompt)")
+        else:
+            new = DEFAULT_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+            if new < 1:
+                raise GenerationError(f"max_new_tokens must be >= 1, got {new}")
+        if longest + new > self.n_positions:
+            if not truncate_prompt:
+                raise GenerationError(
+                    f"prompt of {longest} tokens + {new} new tokens exceeds the model's {self.n_positions} positions; "
+                    "shorten the prompt or allow left truncation (truncate_prompt=True, --truncate-prompt)")
+            if new >= self.n_positions:
+                raise GenerationError(f"{new} new tokens exceed the model's {self.n_positions} positions")
+            keep = self.n_positions - new
+            prompts = [p[-keep:] for p in prompts]
+        return Request(prompts, new)
+
+    def generate_ids(self, texts: Sequence[str], max_length: int | None = None, max_new_tokens: int | None = None,
+                     num_return_sequences: int = 1, truncate_prompt: bool = False, **sampling) -> list[list[int]]:
+        """New token ids per sequence (prompt-major: prompt i's sequences are i*n .. i*n+n-1)."""
+        req = self.prepare(texts, max_length, max_new_tokens, truncate_prompt)
+        out = None
+        for out in self.iter_ids(req.prompts, req.max_new_tokens, num_return_sequences, SamplingConfig(**_as_tuple(sampling))):
+            pass
+        return out
+
+    def iter_ids(self, prompts: list[list[int]], max_new_tokens: int, num_return_sequences: int,
+                 cfg: SamplingConfig) -> Iterator[list[list[int]]]:
+        """Yield the new ids of every sequence after each step (finished rows stop growing)."""
+        if num_return_sequences < 1:
+            raise GenerationError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+        if not cfg.do_sample and num_return_sequences > 1:
+            raise GenerationError("num_return_sequences > 1 needs do_sample (greedy would repeat one sequence)")
+        rows = [p for p in prompts for _ in range(num_return_sequences)]
+        ids, mask = self.tokenizer.pad_left(rows)
+        pos = np.maximum(mask.cumsum(-1) - 1, 0)  # positions count real tokens only
+        B, V = len(rows), self.config["vocab_size"]
+        rng = np.random.default_rng(cfg.seed)
+        seen = _seen_from(rows, V) if cfg.repetition_penalty != 1.0 else None
+        generated: list[list[int]] = [[] for _ in range(B)]
+        done = np.zeros(B, bool)
+        texts = [StreamDecoder(self.tokenizer) for _ in range(B)] if cfg.stop else None
+        logits, past = self.decoder(ids, mask, pos, self.decoder.empty_past(B))
+        last_pos = pos[:, -1:]
+        for step in range(max_new_tokens):
+            tok = next_tokens(logits, cfg, rng, seen)
+            tok[done] = self.eod_id
+            for r in np.flatnonzero(~done):
+                generated[r].append(int(tok[r]))
+                if tok[r] == self.eod_id:
+                    done[r] = True
+                elif texts is not None:
+                    texts[r].push(int(tok[r]))
+                    if _cut_at_stop(texts[r].emitted, cfg.stop)[1]:
+                        done[r] = True
+            if seen is not None:
+                seen[np.arange(B), tok] = True
+            yield generated
+            if done.all() or step == max_new_tokens - 1:
+                return
+            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+            last_pos = last_pos + 1
+            logits, past = self.decoder(tok[:, None], mask, last_pos, past)
+
+    def stream(self, prompt: str, max_length: int | None = None, max_new_tokens: int | None = None,
+               truncate_prompt: bool = False, **sampling) -> Iterator[str]:
+        """Text pieces of one continuation as they are decoded (whole characters only)."""
+        req = self.prepare([prompt], max_length, max_new_tokens, truncate_prompt)
+        cfg = SamplingConfig(**_as_tuple(sampling))
+        text = StreamDecoder(self.tokenizer)
+        sent_chars = 0
+        for out in self.iter_ids(req.prompts, req.max_new_tokens, 1, cfg):
+            tok = out[0][-1]
+            if tok != self.eod_id:
+                text.push(tok)
+            visible, hit = _cut_at_stop(text.emitted, cfg.stop)
+            if not hit:  # hold back a tail that may turn out to be the start of a stop string
+                visible = visible[:len(visible) - _longest_stop_prefix(visible, cfg.stop)]
+            if len(visible) > sent_chars:
+                yield visible[sent_chars:]
+                sent_chars = len(visible)
+        visible = _cut_at_stop(text.emitted, cfg.stop)[0]
+        if len(visible) > sent_chars:
+            yield visible[sent_chars:]
+
+
+def _as_tuple(sampling: dict) -> dict:
+    if "stop" in sampling:
+        stop = sampling["stop"]
+        sampling = dict(sampling, stop=(stop,) if isinstance(stop, str) else tuple(stop or ()))
+    return sampling
+
+
+def _seen_from(rows: list[list[int]], vocab: int) -> np.ndarray:
+    seen = np.zeros((len(rows), vocab), bool)
+    for r, ids in enumerate(rows):
+        seen[r, ids] = True
+    return seen
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    cut = min((i for s in stop if (i := text.find(s)) >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _longest_stop_prefix(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest tail of text that begins some stop string (held back while streaming)."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)

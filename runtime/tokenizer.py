@@ -1,0 +1,112 @@
+"""CPM-Generate's tokenizer, exactly as its own code tokenizes (not Hugging Face's CpmTokenizer).
+
+encode: jieba.cut(text, cut_all=False) -> in each word ' ' -> U+2582, '\\n' -> U+2583 -> words
+joined with ' ' -> sentencepiece BPE. decode: sentencepiece decode -> drop every ' ' ->
+U+2582 -> ' ', U+2583 -> '\\n'.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("cpm_deploy")
+
+SPACE, NEWLINE = "\u2582", "\u2583"
+_TO_PIECES = str.maketrans({" ": SPACE, "\n": NEWLINE})
+_jieba = None
+_jieba_lock = threading.Lock()
+
+
+def _segmenter():
+    """jieba's default tokenizer, initialised once per process, quietly, on first use.
+
+    jieba caches its prefix dictionary (in the temp dir), so only the very first run pays for
+    building it; later processes load the cache in well under a second.
+    """
+    global _jieba
+    if _jieba is None:
+        with _jieba_lock:
+            if _jieba is None:
+                import jieba
+
+                jieba.setLogLevel(logging.WARNING)  # it logs "Building prefix dict..." to stderr
+                jieba.initialize()
+                _jieba = jieba
+    return _jieba
+
+
+class CPMTokenizer:
+    def __init__(self, model_file: str | Path):
+        import sentencepiece as spm
+
+        path = Path(model_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"sentencepiece model {path} not found")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path} is not a sentencepiece model: {e}") from None
+        self.eod_id = self._special("<eod>", 7)
+        self.pad_id = self._special("<pad>", self.eod_id)
+        self.unk_id = self.sp.unk_id()
+        # The release before 2020-11-22 has <cls> at id 3 and no newline piece: '\n' becomes <unk>.
+        self.supports_newline = self.sp.piece_to_id(NEWLINE) != self.unk_id
+        self._warned_newline = False
+
+    def _special(self, piece: str, default: int) -> int:
+        i = self.sp.piece_to_id(piece)
+        return default if i == self.sp.unk_id() else i
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def tokenize(self, text: str) -> str:
+        """The string handed to sentencepiece: jieba words, mapped, joined by spaces."""
+        return " ".join(word.translate(_TO_PIECES) for word in _segmenter().cut(text, cut_all=False))
+
+    def encode(self, text: str) -> list[int]:
+        if "\n" in text and not self.supports_newline and not self._warned_newline:
+            self._warned_newline = True
+            log.warning("this chinese_vocab.model is the release before 2020-11-22 (no newline piece): "
+                        "newlines encode to <unk>; use the current vocabulary")
+        return self.sp.encode(self.tokenize(text))
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        text = self.sp.decode([int(i) for i in ids])
+        return text.replace(" ", "").replace(SPACE, " ").replace(NEWLINE, "\n")
+
+    def pad_left(self, batch: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded ids [B, S] and attention_mask [B, S] (int64)."""
+        width = max(len(ids) for ids in batch)
+        ids = np.full((len(batch), width), self.pad_id, np.int64)
+        mask = np.zeros((len(batch), width), np.int64)
+        for row, seq in enumerate(batch):
+            if seq:
+                ids[row, width - len(seq):] = seq
+                mask[row, width - len(seq):] = 1
+        return ids, mask
+
+
+class StreamDecoder:
+    """Turns a growing list of ids into text deltas, never emitting half a character."""
+
+    def __init__(self, tokenizer: CPMTokenizer):
+        self.tok, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence from byte pieces: wait for the rest
+            return ""
+        delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted = text
+        return delta
