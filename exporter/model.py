@@ -99,6 +99,11 @@ class CPMModel(nn.Module):
 
         Returns logits [B, S, V] and presents: per layer (key, value), each [B, nh, P+S, hd].
         """
+        x, presents = self.hidden_states(input_ids, attention_mask, position_ids, past)
+        return x @ self.transformer.wte.weight.t(), presents  # tied head: [B, S, V]
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, past: Past | None = None):
+        """The final-LayerNorm output [B, S, H] and the presents; ``forward`` without the head."""
         B, S = input_ids.shape
         P = 0 if past is None else past[0][0].shape[2]
         T = P + S
@@ -114,8 +119,7 @@ class CPMModel(nn.Module):
         for i, block in enumerate(tr.h):
             x, kv = block(x, mask, None if past is None else past[i])
             presents.append(kv)
-        x = tr.ln_f(x)
-        return x @ tr.wte.weight.t(), presents  # tied head: [B, S, V]
+        return tr.ln_f(x), presents
 
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask=None):

@@ -49,9 +49,9 @@ def filter_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarr
         order = np.argsort(-logits, axis=-1, kind="stable")
         sorted_logits = np.take_along_axis(logits, order, axis=-1)
         probs = _softmax(sorted_logits)
-        cum = np.cumsum(probs, axis=-1)
-        # keep the smallest prefix whose cumulative probability reaches top_p (always >= 1 token)
-        drop_sorted = (cum - probs) >= top_p
+        # mass strictly before each token; keep the smallest prefix reaching top_p (never empty)
+        before = np.concatenate([np.zeros_like(probs[:, :1]), np.cumsum(probs, axis=-1)[:, :-1]], axis=-1)
+        drop_sorted = before >= top_p
         drop = np.empty_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
         logits = np.where(drop, -np.inf, logits)

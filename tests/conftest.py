@@ -100,3 +100,36 @@ def tiny_bundle(tmp_path_factory, tiny_hf) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "tiny-bundle"
     export_bundle(tiny_hf, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_hf(pytestconfig, vocab_file) -> Path:
+    """Hugging Face folder of the briefly trained tiny model (cached between runs)."""
+    import shutil
+
+    from trained_tiny import recipe_key, train
+
+    folder = Path(pytestconfig.cache.mkdir("cpm-trained-tiny")) / recipe_key(vocab_file)
+    if not (folder / "train.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        train(vocab_file, corpus_lines(4000), tmp)
+        tmp.rename(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory, trained_hf) -> Path:
+    from cpm_deploy.exporter import export_bundle
+
+    out = tmp_path_factory.mktemp("trained") / "bundle"
+    export_bundle(trained_hf, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_generator(trained_bundle):
+    from cpm_deploy.runtime import CPMGenerator
+
+    return CPMGenerator.from_bundle(trained_bundle, threads=1)

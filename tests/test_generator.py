@@ -1,0 +1,110 @@
+"""CPMGenerator on the briefly trained tiny model: parity with the torch reference, batching, limits."""
+
+import numpy as np
+import pytest
+
+from cpm_deploy.exporter import load_checkpoint
+from cpm_deploy.exporter.model import greedy_generate
+from cpm_deploy.runtime import CPMGenerator, GenerationError
+
+PROMPTS = ["清华大学", "今天天气很好，我们", "中国足球队在比赛中", "股市"]
+
+
+@pytest.fixture(scope="module")
+def reference(trained_hf):
+    return load_checkpoint(trained_hf).model
+
+
+def test_greedy_equals_torch_reference(trained_generator, reference):
+    tok = trained_generator.tokenizer
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        want = greedy_generate(reference, ids, 24, eod_id=tok.eod_id)
+        got = trained_generator.generate_ids([prompt], max_new_tokens=24)[0]
+        assert got == want, prompt
+    assert len(set(tuple(trained_generator.generate_ids([p], max_new_tokens=8)[0]) for p in PROMPTS)) > 1
+
+
+def test_batch_equals_one_by_one(trained_generator):
+    batch = trained_generator.generate_ids(PROMPTS, max_new_tokens=16)
+    single = [trained_generator.generate_ids([p], max_new_tokens=16)[0] for p in PROMPTS]
+    assert batch == single
+
+
+def test_pipeline_call_like_transformers(trained_generator):
+    out = trained_generator("清华大学", max_length=20, do_sample=True, top_p=0.9, seed=3)
+    assert isinstance(out, list) and set(out[0]) == {"generated_text"}
+    assert out[0]["generated_text"].startswith("清华大学")
+    again = trained_generator("清华大学", max_length=20, do_sample=True, top_p=0.9, seed=3)
+    assert out == again
+    many = trained_generator(["清华大学", "股市"], max_new_tokens=5, do_sample=True, num_return_sequences=3, seed=1)
+    assert [len(x) for x in many] == [3, 3] and many[1][0]["generated_text"].startswith("股市")
+
+
+def test_max_length_counts_the_prompt(trained_generator):
+    prompt_len = len(trained_generator.tokenizer.encode("今天天气很好，我们"))
+    gen_eod, trained_generator.eod_id = trained_generator.eod_id, -1  # no early stop for counting
+    try:
+        ids = trained_generator.generate_ids(["今天天气很好，我们"], max_length=prompt_len + 7)[0]
+    finally:
+        trained_generator.eod_id = gen_eod
+    assert len(ids) == 7
+
+
+def test_eod_stops_a_row(trained_generator):
+    gen = trained_generator
+    ids = gen.generate_ids(PROMPTS, max_new_tokens=60)
+    assert any(gen.eod_id in row for row in ids), "the trained model should end some headline within 60 tokens"
+    assert all(row.index(gen.eod_id) == len(row) - 1 for row in ids if gen.eod_id in row)
+
+
+def test_stop_strings_cut_text_and_stream(trained_generator):
+    full = trained_generator("清华大学", max_new_tokens=30)[0]["generated_text"][len("清华大学"):]
+    assert len(full) > 2
+    stop = full[1:3]
+    cut = trained_generator("清华大学", max_new_tokens=30, stop=[stop])[0]["generated_text"]
+    assert cut == "清华大学" + full[:full.index(stop)]
+    streamed = "".join(trained_generator.stream("清华大学", max_new_tokens=30, stop=stop))
+    assert streamed == full[:full.index(stop)]
+
+
+def test_stream_joins_to_the_call(trained_generator):
+    text = "".join(trained_generator.stream("中国足球队在比赛中", max_new_tokens=20))
+    assert "中国足球队在比赛中" + text == trained_generator("中国足球队在比赛中", max_new_tokens=20)[0]["generated_text"]
+
+
+def test_repetition_penalty_changes_greedy_output(trained_generator):
+    plain = trained_generator.generate_ids(["股市"], max_new_tokens=30)[0]
+    penalised = trained_generator.generate_ids(["股市"], max_new_tokens=30, repetition_penalty=5.0)[0]
+    assert penalised != plain
+    body = [t for t in penalised if t != trained_generator.eod_id]
+    assert len(set(body)) >= len(body) - 2
+
+
+def test_length_limits(trained_generator):
+    gen = trained_generator  # trained with 128 positions
+    long_prompt = "清华大学是中国著名的高等学府" * 30
+    with pytest.raises(GenerationError, match="exceeds the model's 128 positions"):
+        gen(long_prompt, max_new_tokens=10)
+    out = gen.generate_ids([long_prompt], max_new_tokens=10, truncate_prompt=True)
+    assert 1 <= len(out[0]) <= 10
+    with pytest.raises(GenerationError, match="exceeds the model's 128 positions"):
+        gen("股市", max_length=200)
+    with pytest.raises(GenerationError, match="empty prompt"):
+        gen("  ")
+    with pytest.raises(GenerationError, match="not both"):
+        gen("股市", max_length=10, max_new_tokens=3)
+    with pytest.raises(GenerationError, match="needs do_sample"):
+        gen("股市", num_return_sequences=2)
+
+
+def test_max_length_beyond_1024_positions_refused(tiny_bundle):
+    gen = CPMGenerator.from_bundle(tiny_bundle)
+    with pytest.raises(GenerationError, match="1024 positions"):
+        gen("清华大学", max_length=1025)
+
+
+def test_sampled_batch_rows_are_independent(trained_generator):
+    ids = trained_generator.generate_ids(["股市"], max_new_tokens=12, do_sample=True, num_return_sequences=4, seed=0)
+    assert len({tuple(r) for r in ids}) > 1
+    assert np.all([len(r) >= 1 for r in ids])
