@@ -11,7 +11,7 @@ from rich.table import Table
 from .common import setup_logging, stage_progress, user_errors
 
 STAGES = {"load": "loading checkpoint", "reference": "torch reference", "export": "writing ONNX (layers)",
-          "verify": "verifying (onnxruntime)"}
+          "verify decoder": "verifying decoder", "verify decoder_last": "verifying decoder_last"}
 
 
 def parity_table(report: dict) -> Table:

@@ -23,6 +23,9 @@ from .staging import check_output, staged_dir
 from .verify import CASES, reference, run_parity
 
 GRAPH_FILE = "decoder.onnx"
+DATA_FILE = "decoder.onnx.data"
+# (manifest key, file, last_logits_only): the HF-contract graph, and the one generation uses
+GRAPHS = (("decoder", GRAPH_FILE, False), ("decoder_last", "decoder_last.onnx", True))
 
 # stage name, done, total
 ProgressFn = Callable[[str, int, int], None]
@@ -59,8 +62,8 @@ def tool_versions() -> dict:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__}
 
 
-def _io_description(cfg) -> dict:
-    inputs, outputs = io_spec(cfg)
+def _io_description(cfg, last_logits_only: bool) -> dict:
+    inputs, outputs = io_spec(cfg, last_logits_only)
 
     def describe(specs):
         return [{"name": n, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t).name,
@@ -93,27 +96,33 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
         step("reference", i + 1, len(CASES))
 
     with staged_dir(out, options.overwrite) as tmp:
-        writer = ExternalDataWriter(tmp / f"{GRAPH_FILE}.data")
+        writer = ExternalDataWriter(tmp / DATA_FILE)
         params = dict(ckpt.model.state_dict())
-        model = build_decoder(cfg, lambda name: params[name].numpy(), writer, options.opset,
-                              on_layer=lambda i: step("export", i + 1, cfg.n_layer))
+        graphs = {}
+        for key, file, last_only in GRAPHS:  # the second graph reuses the data already written
+            model = build_decoder(cfg, lambda name: params[name].numpy(), writer, options.opset,
+                                  on_layer=lambda i: step("export", i + 1, cfg.n_layer), last_logits_only=last_only)
+            onnx.save(model, tmp / file)
+            onnx.checker.check_model(str(tmp / file))  # by path: external data is found, not loaded
+            graphs[key] = {"file": file, "data": DATA_FILE, "precision": "fp32", "opset": options.opset,
+                           "logits": "last" if last_only else "all", "io": _io_description(cfg, last_only),
+                           "nodes": nodes_per_layer(model)}
+            del model
         data_sha = writer.close()
-        onnx.save(model, tmp / GRAPH_FILE)
-        onnx.checker.check_model(str(tmp / GRAPH_FILE))  # by path: external data is found, not loaded
-        node_counts = nodes_per_layer(model)
-        del model, params, ckpt  # free the torch weights before onnxruntime loads its own copy
+        del params, ckpt  # free the torch weights before onnxruntime loads its own copy
         gc.collect()
         t_export = time.perf_counter()
 
-        runner = OnnxRuntimeRunner(tmp / GRAPH_FILE, threads=options.threads, optimize=False)
-        report = run_parity(expected, runner.infer, options.atol, options.rtol,
-                            on_case=lambda d, n: step("verify", d, n))
-        del runner
-        if not report["passed"]:
-            raise ParityError(report)
+        for key, info in graphs.items():
+            runner = OnnxRuntimeRunner(tmp / info["file"], threads=options.threads, optimize=False)
+            info["parity"] = run_parity(expected, runner.infer, options.atol, options.rtol,
+                                        on_case=lambda d, n, k=key: step(f"verify {k}", d, n))
+            del runner
+            if not info["parity"]["passed"]:
+                raise ParityError(info["parity"])
         t_verify = time.perf_counter()
 
-        files = {f"{GRAPH_FILE}.data": data_sha}
+        files = {DATA_FILE: data_sha}
         shutil.copyfile(tokenizer, tmp / tokenizer.name)
         tok_entry = {"file": tokenizer.name}
         vocab = tokenizer.parent / "vocab.json"
@@ -128,12 +137,7 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
             "model": cfg.to_dict(),
             "special_tokens": {"eod": cfg.eod_id},
             "tokenizer": tok_entry,
-            "graphs": {
-                "decoder": {
-                    "file": GRAPH_FILE, "data": f"{GRAPH_FILE}.data", "precision": "fp32", "opset": options.opset,
-                    "target": "any", "io": _io_description(cfg), "nodes": node_counts, "parity": report,
-                },
-            },
+            "graphs": graphs,
             "timings_s": {"load": round(t_load - t0, 2), "export": round(t_export - t_load, 2),
                           "verify": round(t_verify - t_export, 2)},
         }

@@ -18,6 +18,7 @@ class ExternalDataWriter:
         self._f = open(self.path, "wb")
         self._sha = hashlib.sha256()
         self.offset = 0
+        self._written: dict[str, onnx.TensorProto] = {}  # graphs that share this file reuse entries
 
     def _write(self, buf) -> None:
         self._f.write(buf)
@@ -25,6 +26,8 @@ class ExternalDataWriter:
         self.offset += len(buf) if isinstance(buf, bytes) else buf.nbytes
 
     def add(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        if name in self._written:
+            return self._written[name]
         array = np.ascontiguousarray(array)
         pad = -self.offset % ALIGN
         if pad:
@@ -36,6 +39,7 @@ class ExternalDataWriter:
         for key, value in (("location", self.path.name), ("offset", str(start)), ("length", str(array.nbytes))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
+        self._written[name] = t
         return t
 
     def close(self) -> str:

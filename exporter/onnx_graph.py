@@ -4,6 +4,8 @@ The graph is written node by node rather than traced: about 26 nodes per layer (
 is spelled out for opset < 20), no shape-computation sprawl, HF GPT-2 I/O names, weights streamed
 into one external data file. The attention mask is built once for all layers with a finite fill
 value (fp16-safe), and the tied head is a Gemm with transB on the embedding (no second copy).
+With ``last_logits_only`` the head runs on the last position alone (logits [B, 1, V]): what
+generation needs, and a 512-token prefill skips a 512 x vocab matrix product.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ MIN_OPSET, MAX_OPSET = 17, 21
 DIMS = {"B": "batch_size", "S": "sequence_length", "P": "past_sequence_length", "T": "total_sequence_length"}
 
 
-def io_spec(cfg: CPMConfig) -> tuple[list, list]:
+def io_spec(cfg: CPMConfig, last_logits_only: bool = False) -> tuple[list, list]:
     """(inputs, outputs) as (name, elem_type, symbolic shape) triples, HF ONNX naming for GPT-2."""
     nh, hd = cfg.n_head, cfg.head_dim
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     inputs = [("input_ids", i64, ["B", "S"]), ("attention_mask", i64, ["B", "T"]), ("position_ids", i64, ["B", "S"])]
-    outputs = [("logits", f32, ["B", "S", cfg.vocab_size])]
+    outputs = [("logits", f32, ["B", 1 if last_logits_only else "S", cfg.vocab_size])]
     for i in range(cfg.n_layer):
         for kind in ("key", "value"):
             inputs.append((f"past_key_values.{i}.{kind}", f32, ["B", nh, "P", hd]))
@@ -74,6 +76,7 @@ def build_decoder(
     writer: ExternalDataWriter,
     opset: int = 17,
     on_layer: Callable[[int], None] | None = None,
+    last_logits_only: bool = False,
 ) -> onnx.ModelProto:
     """``weight(name)`` returns the fp32 array of a HF-named parameter, Conv1D layout [in, out]."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -86,6 +89,9 @@ def build_decoder(
     g.const("c/merge_shape", np.array([0, 0, H], np.int64))
     g.const("c/flat_shape", np.array([-1, H], np.int64))
     g.const("c/vocab", np.array([V], np.int64))
+    g.const("c/one_vocab", np.array([1, V], np.int64))
+    g.const("c/last", np.array([-1], np.int64))
+    g.const("c/end", np.array([np.iinfo(np.int64).max], np.int64))
     g.const("c/scale", f32(1.0 / math.sqrt(hd)))
     g.const("c/mask_value", f32(MASK_VALUE))
     g.const("c/zero", np.int64(0))
@@ -145,14 +151,20 @@ def build_decoder(
             on_layer(i)
 
     g.scope = "/head"
+    if last_logits_only:
+        x = g.op("Slice", x, "c/last", "c/end", "c/axes_1", name="last_position")  # [B, 1, H]
     x = g.op("LayerNormalization", x, g.weight("transformer.ln_f.weight", weight("transformer.ln_f.weight")),
              g.weight("transformer.ln_f.bias", weight("transformer.ln_f.bias")), name="ln_f", axis=-1, epsilon=eps)
     flat = g.op("Reshape", x, "c/flat_shape", name="flatten")  # [B*S, H]
     logits = g.op("Gemm", flat, "transformer.wte.weight", name="tied_head", transB=1)  # [B*S, V]
-    out_shape = g.op("Concat", g.op("Shape", "input_ids", name="batch_seq"), "c/vocab", name="logits_shape", axis=0)
+    if last_logits_only:
+        batch = g.op("Shape", "input_ids", name="batch", start=0, end=1)
+        out_shape = g.op("Concat", batch, "c/one_vocab", name="logits_shape", axis=0)
+    else:
+        out_shape = g.op("Concat", g.op("Shape", "input_ids", name="batch_seq"), "c/vocab", name="logits_shape", axis=0)
     g.nodes.append(helper.make_node("Reshape", [logits, out_shape], ["logits"], name="/head/logits"))
 
-    inputs, outputs = io_spec(cfg)
+    inputs, outputs = io_spec(cfg, last_logits_only)
 
     def vi(name, dtype, shape):
         return helper.make_tensor_value_info(name, dtype, [DIMS.get(d, d) for d in shape])

@@ -38,8 +38,11 @@ class CPMGenerator:
 
     @classmethod
     def from_bundle(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
-                    verify: bool = True, variant: str = "decoder") -> "CPMGenerator":
+                    verify: bool = True, variant: str | None = None) -> "CPMGenerator":
+        """Load a bundle; ``variant`` names a graph of the manifest (default: the generation graph)."""
         bundle = Bundle.open(path, verify=verify)
+        if variant is None:
+            variant = "decoder_last" if "decoder_last" in bundle.manifest.get("graphs", {}) else "decoder"
         if bundle.tokenizer_path is None:
             raise ValueError(f"bundle {path} ships no tokenizer model")
         decoder = OrtDecoder(bundle.graph_path(variant), bundle.config, provider, threads)

@@ -131,3 +131,24 @@ def test_corrupt_bundle_is_detected(tmp_path, tiny_bundle):
     (b / "manifest.json").write_text("{broken")
     with pytest.raises(BundleError, match="corrupt"):
         Bundle.open(b)
+
+
+def test_generation_graph_shares_the_weights(tiny_bundle, tiny_cfg):
+    m = Bundle.open(tiny_bundle).manifest
+    full, last = m["graphs"]["decoder"], m["graphs"]["decoder_last"]
+    assert (full["logits"], last["logits"]) == ("all", "last")
+    assert full["data"] == last["data"] == "decoder.onnx.data"
+    assert last["io"]["outputs"][0]["shape"] == ["batch_size", 1, tiny_cfg.vocab_size]
+    assert last["parity"]["passed"] and last["parity"]["logits_max_abs_diff"] < 1e-4
+    assert sorted(f for f in m["files"] if f.endswith(".data")) == ["decoder.onnx.data"]
+
+    from cpm_deploy.runtime.session import OnnxRuntimeRunner
+
+    feeds = {"input_ids": np.array([[5, 6, 7, 8]], np.int64), "attention_mask": np.ones((1, 4), np.int64),
+             "position_ids": np.arange(4, dtype=np.int64)[None]}
+    empty = np.zeros((1, tiny_cfg.n_head, 0, tiny_cfg.head_dim), np.float32)
+    feeds |= {f"past_key_values.{i}.{k}": empty for i in range(tiny_cfg.n_layer) for k in ("key", "value")}
+    a = OnnxRuntimeRunner(tiny_bundle / "decoder.onnx").infer(feeds)["logits"]
+    b = OnnxRuntimeRunner(tiny_bundle / "decoder_last.onnx").infer(feeds)["logits"]
+    assert a.shape == (1, 4, tiny_cfg.vocab_size) and b.shape == (1, 1, tiny_cfg.vocab_size)
+    assert np.allclose(a[:, -1:], b, atol=1e-5)
