@@ -8,6 +8,7 @@ U+2582 -> ' ', U+2583 -> '\\n'.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,8 +26,8 @@ _jieba_lock = threading.Lock()
 def _segmenter():
     """jieba's default tokenizer, initialised once per process, quietly, on first use.
 
-    jieba caches its prefix dictionary (in the temp dir), so only the very first run pays for
-    building it; later processes load the cache in well under a second.
+    jieba caches its prefix dictionary; the cache goes to the user's cache folder (not /tmp,
+    which is emptied on reboot), so only the very first run pays for building it.
     """
     global _jieba
     if _jieba is None:
@@ -35,9 +36,21 @@ def _segmenter():
                 import jieba
 
                 jieba.setLogLevel(logging.WARNING)  # it logs "Building prefix dict..." to stderr
+                cache = _cache_dir()
+                if cache is not None:
+                    jieba.dt.tmp_dir = str(cache)
                 jieba.initialize()
                 _jieba = jieba
     return _jieba
+
+
+def _cache_dir() -> Path | None:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cpm-deploy"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        return base if os.access(base, os.W_OK) else None
+    except OSError:
+        return None  # read-only home: jieba falls back to the temp dir
 
 
 class CPMTokenizer:

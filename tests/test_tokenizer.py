@@ -109,3 +109,21 @@ def test_bad_model_file(tmp_path):
     (tmp_path / "bad.model").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a sentencepiece model"):
         CPMTokenizer(tmp_path / "bad.model")
+
+
+def test_default_install_is_torch_free():
+    import tomllib
+
+    from conftest import ROOT
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(d.split(">")[0].split("=")[0].strip() == "torch" for d in project["dependencies"])
+    assert any(d.startswith("torch") for d in project["optional-dependencies"]["export"])
+
+
+def test_jieba_cache_goes_to_the_user_cache(tmp_path, vocab_file):
+    code = f"import cpm_deploy.runtime as r; r.CPMTokenizer({str(vocab_file)!r}).encode('清华')"
+    env = dict(__import__("os").environ, XDG_CACHE_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert list((tmp_path / "cpm-deploy").glob("jieba*.cache"))

@@ -1,0 +1,125 @@
+"""cpm-deploy's runtime against Optimum's ORTModelForCausalLM on the same random weights, one run.
+
+Both run fp32 on onnxruntime's CPU provider with the same thread count, greedy, exactly N new
+tokens, the same token ids. Each system is timed the same way, alternating, median of repeats:
+  time to first token = wall time of a 1-token generation (prefill + first choice);
+  decode tokens/s     = (N - 1) / (T(N tokens) - T(1 token)).
+
+Optimum's ONNX backend needs its own environment (it pins transformers < 4.58):
+    python -m venv /tmp/optvenv && /tmp/optvenv/bin/pip install torch==2.13.0
+    /tmp/optvenv/bin/pip install "optimum-onnx==0.1.0" "transformers<4.58" onnxruntime -e ".[export]"
+    /tmp/optvenv/bin/python benchmarks/generate_vs_optimum.py --tokenizer ../shared/cpm-vocab/chinese_vocab.model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def ours(bundle: Path, threads: int):
+    from cpm_deploy.runtime import CPMGenerator, SamplingConfig
+
+    gen = CPMGenerator.from_bundle(bundle, threads=threads, verify=False)
+    gen.eod_id = -1  # always decode exactly n tokens
+
+    def run(ids: list[int], n: int) -> list[int]:
+        out = None
+        for out in gen.iter_ids([ids], n, 1, SamplingConfig()):
+            pass
+        return out[0]
+
+    return run
+
+
+def optimum(onnx_dir: Path, threads: int):
+    import onnxruntime as ort
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    model = ORTModelForCausalLM.from_pretrained(onnx_dir, session_options=so, provider="CPUExecutionProvider")
+
+    def run(ids: list[int], n: int) -> list[int]:
+        x = torch.tensor([ids])
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+        return out[0, len(ids):].tolist()
+
+    return run
+
+
+def timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/cpm-bench"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--ttft-prompt", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=Path("benchmarks/out/generate_vs_optimum.json"))
+    args = ap.parse_args()
+
+    from cpm_deploy.exporter import export_bundle
+    from cpm_deploy.exporter.checkpoint_tools import write_random_checkpoint
+    from cpm_deploy.exporter.config import CPMConfig
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    ckpt, bundle, onnx_dir = (args.workdir / f"{args.preset}-{s}" for s in ("random", "bundle", "optimum"))
+    if not ckpt.exists():
+        write_random_checkpoint(CPMConfig.from_preset(args.preset), ckpt, seed=0, tokenizer=args.tokenizer)
+    if not bundle.exists():
+        export_bundle(ckpt, bundle)
+    if not onnx_dir.exists():
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        ORTModelForCausalLM.from_pretrained(ckpt, export=True, use_cache=True).save_pretrained(onnx_dir)
+
+    systems = {"cpm-deploy": ours(bundle, args.threads), "optimum": optimum(onnx_dir, args.threads)}
+    rng = np.random.default_rng(0)
+    short = rng.integers(100, 30000, args.prompt).tolist()
+    long = rng.integers(100, 30000, args.ttft_prompt).tolist()
+    outputs = {name: run(short, 16) for name, run in systems.items()}  # warm-up; the same weights should give the same tokens
+    same_tokens = outputs["cpm-deploy"] == outputs["optimum"]
+
+    samples = {name: {"t1": [], "tn": [], "ttft_long": []} for name in systems}
+    for _ in range(args.repeats):
+        for name, run in systems.items():
+            samples[name]["t1"].append(timed(run, short, 1))
+            samples[name]["tn"].append(timed(run, short, args.new))
+            samples[name]["ttft_long"].append(timed(run, long, 1))
+    result = {"preset": args.preset, "threads": args.threads, "prompt": args.prompt, "new_tokens": args.new,
+              "ttft_prompt": args.ttft_prompt, "repeats": args.repeats, "same_greedy_tokens": same_tokens, "systems": {}}
+    for name, s in samples.items():
+        t1, tn, tl = (statistics.median(s[k]) for k in ("t1", "tn", "ttft_long"))
+        result["systems"][name] = {"ttft_short_s": t1, "decode_tokens_per_s": (args.new - 1) / (tn - t1),
+                                   "ttft_long_s": tl, "samples": s}
+    a, b = result["systems"]["cpm-deploy"], result["systems"]["optimum"]
+    result["ratios"] = {"decode_tokens_per_s": a["decode_tokens_per_s"] / b["decode_tokens_per_s"],
+                        "ttft_long_speedup": b["ttft_long_s"] / a["ttft_long_s"]}
+    print(f"{args.preset}, fp32, batch 1, {args.threads} threads; greedy tokens identical: {same_tokens}")
+    print(f"{'system':<12} {'decode tok/s':>13} {'TTFT ' + str(args.prompt):>10} {'TTFT ' + str(args.ttft_prompt):>10}")
+    for name, r in result["systems"].items():
+        print(f"{name:<12} {r['decode_tokens_per_s']:>13.1f} {r['ttft_short_s'] * 1e3:>8.0f}ms {r['ttft_long_s'] * 1e3:>8.0f}ms")
+    print(f"ratio: decode {result['ratios']['decode_tokens_per_s']:.2f}x, "
+          f"TTFT({args.ttft_prompt}) {result['ratios']['ttft_long_speedup']:.2f}x faster")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
