@@ -11,7 +11,8 @@ from rich.table import Table
 from .common import setup_logging, stage_progress, user_errors
 
 STAGES = {"load": "loading checkpoint", "reference": "torch reference", "export": "writing ONNX (layers)",
-          "verify decoder": "verifying decoder", "verify decoder_last": "verifying decoder_last"}
+          "verify decoder": "verifying decoder", "verify decoder_last": "verifying decoder_last",
+          "fp16 range report": "fp16 range report"}
 
 
 def parity_table(report: dict) -> Table:
@@ -22,6 +23,22 @@ def parity_table(report: dict) -> Table:
         table.add_row(c["case"], f"{c.get('logits_max_abs_diff', float('nan')):.2e}",
                       f"{c.get('presents_max_abs_diff', float('nan')):.2e}",
                       f"{c.get('top1_agreement', 0):.1%}", "yes" if c["passed"] else "[red]NO[/red]")
+    return table
+
+
+def variants_table(manifest: dict) -> Table:
+    table = Table(title="graphs verified against PyTorch (* = default for cpm-run)")
+    for col in ("graph", "kv cache", "MB", "logits max|Δ|", "top-1", "mean KL", "gate"):
+        table.add_column(col)
+    files = manifest["files"]
+    for name, g in manifest["graphs"].items():
+        p = g["parity"]
+        mb = (files[g["file"]]["bytes"] + files.get(g["data"], {"bytes": 0})["bytes"]) / 1e6
+        gate = g.get("gate", {"atol": p["atol"]})
+        gate = f"KL≤{gate['max_mean_kl']:g}" if "max_mean_kl" in gate else f"|Δ|≤{gate['atol']:g}"
+        default = "*" if name == manifest.get("default_graph") else ""
+        table.add_row(name + default, g.get("kv_cache", "concat"), f"{mb:,.1f}", f"{p['logits_max_abs_diff']:.2e}",
+                      f"{p['top1_agreement']:.1%}", f"{p['mean_kl']:.1e}", gate)
     return table
 
 
@@ -53,12 +70,17 @@ def summary_table(out: Path, manifest: dict) -> Table:
               help="ONNX opset; 20+ uses the native Gelu op, 17 keeps TensorRT 8.6 able to parse the graph.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance of the parity check.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance of the parity check.")
+@click.option("-T", "--target", type=click.Choice(["cpu", "cuda", "trt"]), default="cpu", show_default=True,
+              help="Where the bundle runs: cpu/cuda get onnxruntime-fused graphs, trt standard-op graphs.")
+@click.option("-P", "--precision", "precisions", multiple=True, type=click.Choice(["fp32", "fp16", "int8", "int4"]),
+              help="Graph variants to build (repeatable; the first is the default graph). "
+                   "cpu: fp32 int8 int4; cuda: fp32 fp16; trt: fp32 fp16. Default: fp32.")
 @click.option("--num-heads", type=click.IntRange(1), help="Attention heads, for original checkpoints that do not store it.")
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime threads during verification.")
 @click.option("-f", "--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Informational messages too.")
-def main(src, out, tokenizer, opset, atol, rtol, num_heads, threads, overwrite, quiet, verbose):
+def main(src, out, tokenizer, opset, atol, rtol, target, precisions, num_heads, threads, overwrite, quiet, verbose):
     """Export the CPM checkpoint SRC to a verified ONNX bundle OUT.
 
     SRC is a Hugging Face GPT-2 folder (config.json + model.safetensors, pytorch_model.bin or a
@@ -71,20 +93,29 @@ def main(src, out, tokenizer, opset, atol, rtol, num_heads, threads, overwrite, 
       cpm-export ./CPM-Generate-hf ./cpm-bundle
       cpm-export ./CPM-Generate ./cpm-bundle --tokenizer ./bpe_3w_new/chinese_vocab.model
       cpm-export ./ckpt ./bundle --opset 20 --overwrite
+      cpm-export ./ckpt ./bundle-cpu -P int4 -P int8 -P fp32
+      cpm-export ./ckpt ./bundle-v100 --target trt -P fp16
     """
     setup_logging(verbose)
     from ..exporter import CheckpointError, ConfigError, ExportOptions, ParityError, export_bundle
     from ..exporter.staging import OutputExistsError
+    from ..optimize.fuse import FusionError
+    from ..optimize.variants import VariantError, check_request
 
+    requested = tuple((target, p) for p in dict.fromkeys(precisions or ("fp32",)))
+    with user_errors(VariantError):
+        for t, p in requested:
+            check_request(t, p)
     options = ExportOptions(opset=opset, atol=atol, rtol=rtol, tokenizer=tokenizer, n_heads=num_heads,
-                            overwrite=overwrite, threads=threads)
+                            overwrite=overwrite, threads=threads, variants=requested)
     console = Console()
     try:
-        with user_errors(CheckpointError, ConfigError, OutputExistsError, FileNotFoundError):
+        with user_errors(CheckpointError, ConfigError, OutputExistsError, FileNotFoundError, FusionError, VariantError):
             with stage_progress(STAGES, enabled=not quiet) as step:
                 manifest = export_bundle(src, out, options, step)
     except ParityError as e:
         console.print(parity_table(e.report))
         raise click.ClickException(str(e)) from None
     console.print(parity_table(manifest["graphs"]["decoder"]["parity"]))
+    console.print(variants_table(manifest))
     console.print(summary_table(out, manifest))

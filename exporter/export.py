@@ -14,13 +14,16 @@ from pathlib import Path
 import onnx
 
 from .. import __version__
+from ..optimize import variants
 from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
-from ..runtime.session import OnnxRuntimeRunner
+from ..runtime.session import OnnxRuntimeRunner, SharedKVRunner
 from .external_data import ExternalDataWriter
 from .load import load_checkpoint
 from .onnx_graph import DIMS, build_decoder, io_spec, nodes_per_layer
 from .staging import check_output, staged_dir
 from .verify import CASES, reference, run_parity
+
+SHARED_KV_CAPACITY = 32  # >= the longest verification case (past 9 + 17)
 
 GRAPH_FILE = "decoder.onnx"
 DATA_FILE = "decoder.onnx.data"
@@ -32,14 +35,12 @@ ProgressFn = Callable[[str, int, int], None]
 
 
 class ParityError(RuntimeError):
-    def __init__(self, report: dict):
+    def __init__(self, report: dict, what: str | None = None):
         self.report = report
         bad = [c for c in report["cases"] if not c["passed"]]
-        super().__init__(
-            f"parity check failed on {len(bad)} of {len(report['cases'])} cases "
-            f"(logits max abs diff {report['logits_max_abs_diff']:.3g}, atol {report['atol']}, rtol {report['rtol']}); "
-            "no bundle was written"
-        )
+        what = what or (f"parity check failed on {len(bad)} of {len(report['cases'])} cases "
+                        f"(logits max abs diff {report['logits_max_abs_diff']:.3g}, atol {report['atol']}, rtol {report['rtol']})")
+        super().__init__(f"{what}; no bundle was written")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class ExportOptions:
     n_heads: int | None = None
     overwrite: bool = False
     threads: int | None = None
+    variants: tuple[tuple[str, str], ...] = (("cpu", "fp32"),)  # (target, precision); first is the default
 
 
 def tool_versions() -> dict:
@@ -122,6 +124,21 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
                 raise ParityError(info["parity"])
         t_verify = time.perf_counter()
 
+        ranges = None
+        if any(p == "fp16" for _, p in options.variants):
+            ranges = _fp16_ranges(tmp, expected, tokenizer, step)
+        for target, precision in options.variants:
+            key = f"{target}-{precision}"
+            step(f"variant {key}", 0, 2)
+            variant = variants.build(tmp, target, precision, cfg.n_layer)
+            step(f"variant {key}", 1, 2)
+            graphs[key] = variant.manifest_entry()
+            graphs[key]["parity"] = _verify_variant(tmp, variant, expected, options.threads)
+            step(f"variant {key}", 2, 2)
+            if not variants.passes_gate(graphs[key]["parity"], precision):
+                raise ParityError(graphs[key]["parity"], f"{key} misses its gate {variants.GATES[precision]}")
+        t_variants = time.perf_counter()
+
         files = {DATA_FILE: data_sha}
         shutil.copyfile(tokenizer, tmp / tokenizer.name)
         tok_entry = {"file": tokenizer.name}
@@ -138,8 +155,10 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
             "special_tokens": {"eod": cfg.eod_id},
             "tokenizer": tok_entry,
             "graphs": graphs,
+            "default_graph": "-".join(options.variants[0]) if options.variants else "decoder_last",
+            "fp16_ranges": ranges and {"file": "fp16_ranges.json", "flagged": len(ranges["flagged"])},
             "timings_s": {"load": round(t_load - t0, 2), "export": round(t_export - t_load, 2),
-                          "verify": round(t_verify - t_export, 2)},
+                          "verify": round(t_verify - t_export, 2), "variants": round(t_variants - t_verify, 2)},
         }
         manifest["files"] = {
             p.name: {"bytes": p.stat().st_size, "sha256": files.get(p.name) or sha256_file(p)}
@@ -147,3 +166,39 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
+
+
+def _verify_variant(folder: Path, variant, expected, threads) -> dict:
+    gate = variants.GATES[variant.precision]
+    atol, rtol = gate.get("atol", float("inf")), gate.get("rtol", 0.0)
+    if variant.kv_cache == "shared":
+        runner = SharedKVRunner(folder / variant.file, threads=threads)
+        return run_parity(expected, runner.infer, atol, rtol, shared_kv_capacity=SHARED_KV_CAPACITY)
+    runner = OnnxRuntimeRunner(folder / variant.file, threads=threads)
+    return run_parity(expected, runner.infer, atol, rtol)
+
+
+SAMPLE_TEXT = ["清华大学是中国著名的高等学府，位于北京市海淀区。", "今天天气很好，我们一起去公园散步吧。",
+               "人工智能技术正在改变我们的生活和工作方式。"]
+
+
+def _fp16_ranges(folder: Path, expected, tokenizer: Path, step) -> dict:
+    """The fp16 range report, on real sample text and the verification inputs; written to the bundle."""
+    import numpy as np
+
+    from ..optimize.precision import range_report
+    from ..runtime.tokenizer import CPMTokenizer
+
+    tok = CPMTokenizer(tokenizer)
+    empty = {k: v[:1, :, :0] for k, v in expected[0].feeds.items() if k.startswith("past_key_values.")}
+    feeds = []
+    for text in SAMPLE_TEXT:
+        ids = np.array([tok.encode(text)], np.int64)
+        ids = np.minimum(ids, expected[0].outputs["logits"].shape[-1] - 1)
+        feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                      "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None], **empty})
+    step("fp16 range report", 0, 1)
+    report = range_report(folder / GRAPH_FILE, feeds + [e.feeds for e in expected])
+    (folder / "fp16_ranges.json").write_text(json.dumps(report, indent=2) + "\n")
+    step("fp16 range report", 1, 1)
+    return report

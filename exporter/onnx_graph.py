@@ -40,7 +40,7 @@ def io_spec(cfg: CPMConfig, last_logits_only: bool = False) -> tuple[list, list]
 
 class _Graph:
     def __init__(self, writer: ExternalDataWriter):
-        self.writer, self.nodes, self.initializers = writer, [], []
+        self.writer, self.nodes, self.initializers, self.value_info = writer, [], [], []
         self.scope = ""
 
     def op(self, op_type: str, *inputs: str, name: str, outputs: int = 1, **attrs):
@@ -48,6 +48,11 @@ class _Graph:
         outs = [f"{full}/out{k}" if outputs > 1 else f"{full}/out" for k in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=full, **attrs))
         return outs if outputs > 1 else outs[0]
+
+    def annotate(self, name: str, elem_type: int, dims: list) -> str:
+        """Declare a shape that inference cannot derive (Range has a data-dependent length)."""
+        self.value_info.append(helper.make_tensor_value_info(name, elem_type, [DIMS.get(d, d) for d in dims]))
+        return name
 
     def const(self, name: str, value) -> str:
         """Small constants live inside the graph file."""
@@ -62,12 +67,12 @@ class _Graph:
 def _gelu_tanh(g: _Graph, x: str, opset: int) -> str:
     if opset >= 20:
         return g.op("Gelu", x, name="gelu", approximate="tanh")
-    # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), the shape onnxruntime fuses into FastGelu
-    cube = g.op("Pow", x, "c/three", name="gelu/pow")
-    inner = g.op("Add", x, g.op("Mul", cube, "c/gelu_a", name="gelu/mul_a"), name="gelu/add")
-    t = g.op("Tanh", g.op("Mul", inner, "c/gelu_b", name="gelu/mul_b"), name="gelu/tanh")
-    half_x = g.op("Mul", x, "c/half", name="gelu/half")
-    return g.op("Mul", half_x, g.op("Add", t, "c/one", name="gelu/one_plus"), name="gelu/out")
+    # x * (0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))), operand for operand the shape that
+    # onnxscript's GeluTanhFusion (and onnxruntime's FastGeluFusion) recognise
+    inner = g.op("Add", x, g.op("Mul", "c/gelu_a", g.op("Pow", x, "c/three", name="gelu/pow"), name="gelu/mul_a"), name="gelu/add")
+    t = g.op("Tanh", g.op("Mul", "c/gelu_b", inner, name="gelu/mul_b"), name="gelu/tanh")
+    half = g.op("Mul", "c/half", g.op("Add", t, "c/one", name="gelu/one_plus"), name="gelu/half")
+    return g.op("Mul", x, half, name="gelu/out")
 
 
 def build_decoder(
@@ -89,9 +94,10 @@ def build_decoder(
     g.const("c/merge_shape", np.array([0, 0, H], np.int64))
     g.const("c/flat_shape", np.array([-1, H], np.int64))
     g.const("c/vocab", np.array([V], np.int64))
-    g.const("c/one_vocab", np.array([1, V], np.int64))
-    g.const("c/last", np.array([-1], np.int64))
-    g.const("c/end", np.array([np.iinfo(np.int64).max], np.int64))
+    if last_logits_only:
+        g.const("c/one_vocab", np.array([1, V], np.int64))
+        g.const("c/last", np.array([-1], np.int64))
+        g.const("c/end", np.array([np.iinfo(np.int64).max], np.int64))
     g.const("c/scale", f32(1.0 / math.sqrt(hd)))
     g.const("c/mask_value", f32(MASK_VALUE))
     g.const("c/zero", np.int64(0))
@@ -110,9 +116,9 @@ def build_decoder(
     T0 = g.op("Squeeze", T, name="total_scalar")
     q_pos = g.op("Unsqueeze", g.op("Range", P, T0, "c/one_i", name="q_pos"), "c/axes_1", name="q_col")  # [S, 1]
     k_pos = g.op("Range", "c/zero", T0, "c/one_i", name="k_pos")  # [T]
-    causal = g.op("LessOrEqual", k_pos, q_pos, name="causal")  # [S, T]
+    causal = g.annotate(g.op("LessOrEqual", k_pos, q_pos, name="causal"), TensorProto.BOOL, ["S", "T"])
     pad = g.op("Unsqueeze", g.op("Cast", "attention_mask", name="pad", to=TensorProto.BOOL), "c/axes_12", name="pad4")
-    mask = g.op("And", causal, pad, name="mask")  # [B, 1, S, T]
+    mask = g.annotate(g.op("And", causal, pad, name="mask"), TensorProto.BOOL, ["B", 1, "S", "T"])
 
     g.scope = "/embed"
     tok = g.op("Gather", g.weight("transformer.wte.weight", weight("transformer.wte.weight")), "input_ids", name="wte")
@@ -169,7 +175,8 @@ def build_decoder(
     def vi(name, dtype, shape):
         return helper.make_tensor_value_info(name, dtype, [DIMS.get(d, d) for d in shape])
 
-    graph = helper.make_graph(g.nodes, "cpm_decoder", [vi(*s) for s in inputs], [vi(*s) for s in outputs], g.initializers)
+    graph = helper.make_graph(g.nodes, "cpm_decoder", [vi(*s) for s in inputs], [vi(*s) for s in outputs], g.initializers,
+                              value_info=g.value_info)
     opsets = [helper.make_opsetid("", opset)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="cpm-deploy",
                               ir_version=helper.find_min_ir_version_for(opsets))

@@ -67,28 +67,30 @@ def reference(model: CPMModel, case: Case, seed: int = 0) -> Expected:
     return Expected(case, feeds, outputs, mask[:, P:].bool().numpy())
 
 
-def compare(expected: Expected, actual: dict[str, np.ndarray], atol: float, rtol: float) -> dict:
-    """One comparator: |a - e| <= atol + rtol * |e| elementwise, logits at real positions only."""
-    real = expected.real
-    worst_logit = worst_present = 0.0
-    ok = True
-    for name, e in expected.outputs.items():
-        a = actual[name].astype(np.float32)
-        last_only = name == "logits" and a.shape[1] == 1  # compared on the last position in _at_real
-        if a.shape != e.shape and not last_only:
-            return {"case": expected.case.name, "passed": False, "error": f"{name} shape {a.shape} != {e.shape}"}
-        if name == "logits":
-            e, a = _at_real(e, a, real)
-        diff = np.abs(a - e)
+def _kl(ref: np.ndarray, got: np.ndarray) -> float:
+    """Mean KL(reference || variant) of the next-token distributions, rows of [N, V]."""
+    def log_softmax(x):
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lp, lq = log_softmax(ref), log_softmax(got)
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+
+
+def metrics(case: str, logits: tuple[np.ndarray, np.ndarray], presents: list[tuple[np.ndarray, np.ndarray]],
+            atol: float, rtol: float) -> dict:
+    """One comparator: |a - e| <= atol + rtol * |e| elementwise; logits as [N, V] rows."""
+    e_log, a_log = logits[0], logits[1].astype(np.float32)
+    ok = bool(np.all(np.isfinite(a_log)))
+    worst_present = 0.0
+    for e, a in presents:
+        diff = np.abs(a.astype(np.float32) - e)
         ok &= bool(np.all(np.isfinite(a))) and bool(np.all(diff <= atol + rtol * np.abs(e)))
-        if name == "logits":
-            worst_logit = float(diff.max(initial=0.0))
-        else:
-            worst_present = max(worst_present, float(diff.max(initial=0.0)))
-    e_logits, a_logits = _at_real(expected.outputs["logits"], actual["logits"], real)
-    e_top, a_top = e_logits.argmax(-1), a_logits.argmax(-1)
-    return {"case": expected.case.name, "passed": ok, "logits_max_abs_diff": worst_logit,
-            "presents_max_abs_diff": worst_present, "top1_agreement": float(np.mean(e_top == a_top))}
+        worst_present = max(worst_present, float(diff.max(initial=0.0)))
+    diff = np.abs(a_log - e_log)
+    ok &= bool(np.all(diff <= atol + rtol * np.abs(e_log)))
+    return {"case": case, "passed": ok, "logits_max_abs_diff": float(diff.max(initial=0.0)),
+            "presents_max_abs_diff": worst_present,
+            "top1_agreement": float(np.mean(e_log.argmax(-1) == a_log.argmax(-1))), "mean_kl": _kl(e_log, a_log)}
 
 
 def _at_real(e: np.ndarray, a: np.ndarray, real: np.ndarray):
@@ -98,14 +100,74 @@ def _at_real(e: np.ndarray, a: np.ndarray, real: np.ndarray):
     return e[real], a[real]
 
 
-def run_parity(expected: list[Expected], infer: Callable[[dict], dict], atol: float, rtol: float,
-               on_case: Callable[[int, int], None] | None = None) -> dict:
+def compare(expected: Expected, actual: dict[str, np.ndarray], atol: float, rtol: float) -> dict:
+    """The exporter's standard graphs: logits at real positions, presents whole."""
+    for name, e in expected.outputs.items():
+        a = actual[name]
+        if a.shape != e.shape and not (name == "logits" and a.shape[1] == 1):
+            return {"case": expected.case.name, "passed": False, "error": f"{name} shape {a.shape} != {e.shape}"}
+    logits = _at_real(expected.outputs["logits"], actual["logits"], expected.real)
+    presents = [(e, actual[n]) for n, e in expected.outputs.items() if n != "logits"]
+    return metrics(expected.case.name, logits, presents, atol, rtol)
+
+
+def shared_kv_inputs(exp: Expected, capacity: int) -> tuple[dict, dict, list[tuple[int, int, int]]]:
+    """A case in the shared-KV interface: each row's real past at the front of a max-length buffer,
+    the new chunk right-padded with per-row lengths. Returns feeds, past buffers, and per row
+    (pads in the past, pads in the chunk, real tokens in all)."""
+    P = exp.feeds["past_key_values.0.key"].shape[2]
+    mask = exp.feeds["attention_mask"]
+    B, S = exp.feeds["input_ids"].shape
+    ids, pos = np.zeros((B, S), np.int64), np.zeros((B, S), np.int64)
+    rows = []
+    for b in range(B):
+        pad_past, pad_new = int((mask[b, :P] == 0).sum()), int((mask[b, P:] == 0).sum())
+        rows.append((pad_past, pad_new, P - pad_past + S - pad_new))
+        ids[b, :S - pad_new] = exp.feeds["input_ids"][b, pad_new:]
+        pos[b, :S - pad_new] = exp.feeds["position_ids"][b, pad_new:]
+    past = {}
+    for name, value in exp.feeds.items():
+        if name.startswith("past_key_values."):
+            buf = np.zeros((B, value.shape[1], capacity, value.shape[3]), value.dtype)
+            for b, (pad_past, _, _) in enumerate(rows):
+                buf[b, :, :P - pad_past] = value[b, :, pad_past:]
+            past[name] = buf
+    totals = np.array([r[2] for r in rows])
+    feeds = {"input_ids": ids, "position_ids": pos, "seqlens_k": (totals - 1).astype(np.int32),
+             "total_sequence_length": np.array(totals.max(), np.int32),
+             "query_seqlens": np.array([S - r[1] for r in rows], np.int32)}
+    return feeds, past, rows
+
+
+def compare_shared_kv(exp: Expected, actual: dict[str, np.ndarray], rows, atol: float, rtol: float) -> dict:
+    logits = (exp.outputs["logits"][:, -1], actual["logits"][:, 0])  # left padding: the last position is real
+    presents = []
+    for name, e in exp.outputs.items():
+        if name.startswith("present."):
+            for b, (pad_past, pad_new, total) in enumerate(rows):
+                presents.append((e[b, :, pad_past + pad_new:], actual[name][b, :, :total]))
+    return metrics(exp.case.name, logits, presents, atol, rtol)
+
+
+def run_parity(expected: list[Expected], infer: Callable, atol: float, rtol: float,
+               on_case: Callable[[int, int], None] | None = None, shared_kv_capacity: int | None = None) -> dict:
+    """Every case through ``infer``; with ``shared_kv_capacity``, ``infer(feeds, past)`` takes the
+    shared-KV interface (see shared_kv_inputs)."""
     results = []
     for i, exp in enumerate(expected):
-        results.append(compare(exp, infer(exp.feeds), atol, rtol))
+        if shared_kv_capacity:
+            feeds, past, rows = shared_kv_inputs(exp, shared_kv_capacity)
+            results.append(compare_shared_kv(exp, infer(feeds, past), rows, atol, rtol))
+        else:
+            results.append(compare(exp, infer(exp.feeds), atol, rtol))
         if on_case:
             on_case(i + 1, len(expected))
+    return summarise(results, atol, rtol)
+
+
+def summarise(results: list[dict], atol: float, rtol: float) -> dict:
     return {"atol": atol, "rtol": rtol, "passed": all(r["passed"] for r in results), "cases": results,
             "logits_max_abs_diff": max(r.get("logits_max_abs_diff", np.inf) for r in results),
             "presents_max_abs_diff": max(r.get("presents_max_abs_diff", np.inf) for r in results),
-            "top1_agreement": min(r.get("top1_agreement", 0.0) for r in results)}
+            "top1_agreement": min(r.get("top1_agreement", 0.0) for r in results),
+            "mean_kl": max(r.get("mean_kl", np.inf) for r in results)}

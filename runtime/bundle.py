@@ -70,6 +70,15 @@ class Bundle:
             raise BundleError(f"bundle has no graph {variant!r}; it has {', '.join(graphs) or 'none'}")
         return graphs[variant]
 
+    @property
+    def default_graph(self) -> str:
+        """The graph generation uses unless told otherwise (the manifest's choice)."""
+        graphs = self.manifest.get("graphs", {})
+        name = self.manifest.get("default_graph") or ("decoder_last" if "decoder_last" in graphs else "decoder")
+        if name not in graphs:
+            raise BundleError(f"the manifest's default graph {name!r} is not among its graphs")
+        return name
+
     def graph_path(self, variant: str = "decoder") -> Path:
         return self.path / self.graph(variant)["file"]
 

@@ -1,12 +1,16 @@
-"""One decoder step on onnxruntime with IOBinding.
+"""Decoder sessions on onnxruntime with IOBinding: ``prefill(rows, capacity)`` then ``step(state, tokens)``.
 
-Presents come back as OrtValues on the session's device and are bound as the next step's past
-directly: the KV cache never goes through numpy between steps. Only the last position's logits
-are copied out.
+Two graph kinds:
+- ``ConcatKVDecoder``: the exporter's standard graph (attention_mask, past grows by Concat).
+  Prompts are left-padded; presents stay OrtValues bound as the next past (never through numpy).
+- ``SharedKVDecoder``: the fused GroupQueryAttention graph. One KV buffer per layer is allocated
+  at the needed capacity and written in place; prompts are right-padded with per-row lengths.
+Only the last valid position's logits are copied out.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,7 @@ import numpy as np
 from .session import create_session
 
 
-class OrtDecoder:
+class _OrtDecoder:
     def __init__(self, path: str | Path, config: dict, provider: str = "cpu", threads: int | None = None):
         import onnxruntime as ort
 
@@ -22,27 +26,109 @@ class OrtDecoder:
         self.session = create_session(path, provider, threads)
         self.n_layer, self.n_head = config["n_layer"], config["n_head"]
         self.head_dim = config["n_embd"] // config["n_head"]
+        self.dtype = np.float16 if "float16" in self.session.get_inputs()[-1].type else np.float32
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.n_layer) for k in ("key", "value")]
         self.present_names = [f"present.{i}.{k}" for i in range(self.n_layer) for k in ("key", "value")]
+        self.input_names = {i.name for i in self.session.get_inputs()}
 
-    def empty_past(self, batch: int) -> list:
-        zeros = np.zeros((batch, self.n_head, 0, self.head_dim), np.float32)
-        return [self.ort.OrtValue.ortvalue_from_numpy(zeros, self.device) for _ in self.past_names]
+    def _kv(self, batch: int, length: int) -> list:
+        """One buffer per layer and kind, owned by onnxruntime on the session's device.
 
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                 past: list) -> tuple[np.ndarray, list]:
-        """input_ids/position_ids [B, S], attention_mask [B, P+S] -> last logits [B, V], presents."""
+        Never one numpy array wrapped many times: on the CPU an OrtValue shares the array's
+        memory, and shared-KV graphs write these buffers in place.
+        """
+        shape = [batch, self.n_head, length, self.head_dim]
+        return [self.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device) for _ in self.past_names]
+
+    def _run(self, feeds: dict[str, np.ndarray], past: list, shared: bool) -> tuple[np.ndarray, list]:
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name, value in zip(self.past_names, past):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        for name in self.present_names:
-            binding.bind_output(name, self.device)
+        for name, value in zip(self.present_names, past):
+            if shared:
+                binding.bind_ortvalue_output(name, value)  # the same buffer: written in place
+            else:
+                binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        logits = outputs[0].numpy()[:, -1, :]
-        return logits, outputs[1:]
+        return outputs[0].numpy()[:, -1, :].astype(np.float32), (past if shared else outputs[1:])
+
+
+@dataclass
+class ConcatState:
+    mask: np.ndarray  # [B, T]
+    position: np.ndarray  # [B, 1] of the last token
+    past: list = field(repr=False)
+
+
+class ConcatKVDecoder(_OrtDecoder):
+    kind = "concat"
+
+    def prefill(self, rows: list[list[int]], capacity: int, pad_id: int = 0) -> tuple[np.ndarray, ConcatState]:
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), pad_id, np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for b, r in enumerate(rows):
+            ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
+        pos = np.maximum(mask.cumsum(-1) - 1, 0)  # positions count real tokens only
+        logits, past = self._run({"input_ids": ids, "attention_mask": mask, "position_ids": pos},
+                                 self._kv(len(rows), 0), shared=False)
+        return logits, ConcatState(mask, pos[:, -1:], past)
+
+    def step(self, state: ConcatState, tokens: np.ndarray) -> np.ndarray:
+        state.mask = np.concatenate([state.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
+        state.position = state.position + 1
+        logits, state.past = self._run({"input_ids": tokens.reshape(-1, 1).astype(np.int64),
+                                        "attention_mask": state.mask, "position_ids": state.position},
+                                       state.past, shared=False)
+        return logits
+
+
+@dataclass
+class SharedState:
+    lengths: np.ndarray  # [B] tokens in the cache
+    capacity: int
+    past: list = field(repr=False)
+
+
+class SharedKVDecoder(_OrtDecoder):
+    kind = "shared"
+
+    def _lengths(self, lengths: np.ndarray, query: np.ndarray) -> dict[str, np.ndarray]:
+        return {"seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(lengths.max(), np.int32),
+                "query_seqlens": query.astype(np.int32)}
+
+    def prefill(self, rows: list[list[int]], capacity: int, pad_id: int = 0) -> tuple[np.ndarray, SharedState]:
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), pad_id, np.int64)
+        pos = np.zeros((len(rows), width), np.int64)
+        for b, r in enumerate(rows):  # right padding: row b's tokens at 0 .. len-1
+            ids[b, :len(r)], pos[b, :len(r)] = r, np.arange(len(r))
+        lengths = np.array([len(r) for r in rows], np.int64)
+        if lengths.max() > capacity:
+            raise ValueError(f"prompt of {lengths.max()} tokens exceeds the KV capacity {capacity}")
+        state = SharedState(lengths, capacity, self._kv(len(rows), capacity))
+        feeds = {"input_ids": ids, "position_ids": pos, **self._lengths(lengths, lengths)}
+        logits, _ = self._run(feeds, state.past, shared=True)
+        return logits, state
+
+    def step(self, state: SharedState, tokens: np.ndarray) -> np.ndarray:
+        if state.lengths.max() >= state.capacity:
+            raise ValueError(f"KV cache full ({state.capacity} positions)")
+        pos = state.lengths.reshape(-1, 1).copy()
+        state.lengths = state.lengths + 1
+        feeds = {"input_ids": tokens.reshape(-1, 1).astype(np.int64), "position_ids": pos,
+                 **self._lengths(state.lengths, np.ones_like(state.lengths))}
+        logits, _ = self._run(feeds, state.past, shared=True)
+        return logits
+
+
+def open_decoder(path: str | Path, config: dict, kv_cache: str, provider: str = "cpu", threads: int | None = None):
+    cls = {"concat": ConcatKVDecoder, "shared": SharedKVDecoder}.get(kv_cache)
+    if cls is None:
+        raise ValueError(f"unknown kv_cache kind {kv_cache!r} in the manifest")
+    return cls(path, config, provider, threads)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
-from .decoder import OrtDecoder
+from .decoder import open_decoder
 from .sampling import SamplingConfig, next_tokens
 from .tokenizer import CPMTokenizer, StreamDecoder
 
@@ -41,12 +41,14 @@ class CPMGenerator:
                     verify: bool = True, variant: str | None = None) -> "CPMGenerator":
         """Load a bundle; ``variant`` names a graph of the manifest (default: the generation graph)."""
         bundle = Bundle.open(path, verify=verify)
-        if variant is None:
-            variant = "decoder_last" if "decoder_last" in bundle.manifest.get("graphs", {}) else "decoder"
         if bundle.tokenizer_path is None:
             raise ValueError(f"bundle {path} ships no tokenizer model")
-        decoder = OrtDecoder(bundle.graph_path(variant), bundle.config, provider, threads)
-        return cls(decoder, CPMTokenizer(bundle.tokenizer_path), bundle.config)
+        name = variant or bundle.default_graph
+        graph = bundle.graph(name)
+        decoder = open_decoder(bundle.path / graph["file"], bundle.config, graph.get("kv_cache", "concat"), provider, threads)
+        gen = cls(decoder, CPMTokenizer(bundle.tokenizer_path), bundle.config)
+        gen.graph_name = name
+        return gen
 
     # -- the pipeline-style call ------------------------------------------------------------------
     def __call__(self, prompts: str | Sequence[str], max_length: int | None = None,
@@ -128,16 +130,14 @@ class CPMGenerator:
         if not cfg.do_sample and num_return_sequences > 1:
             raise GenerationError("num_return_sequences > 1 needs do_sample (greedy would repeat one sequence)")
         rows = [p for p in prompts for _ in range(num_return_sequences)]
-        ids, mask = self.tokenizer.pad_left(rows)
-        pos = np.maximum(mask.cumsum(-1) - 1, 0)  # positions count real tokens only
-        B, V = len(rows), self.config["vocab_size"]
+        B = len(rows)
         rng = np.random.default_rng(cfg.seed)
-        seen = _seen_from(rows, V) if cfg.repetition_penalty != 1.0 else None
+        seen = _seen_from(rows, self.config["vocab_size"]) if cfg.repetition_penalty != 1.0 else None
         generated: list[list[int]] = [[] for _ in range(B)]
         done = np.zeros(B, bool)
         texts = [StreamDecoder(self.tokenizer) for _ in range(B)] if cfg.stop else None
-        logits, past = self.decoder(ids, mask, pos, self.decoder.empty_past(B))
-        last_pos = pos[:, -1:]
+        capacity = max(len(r) for r in rows) + max_new_tokens
+        logits, state = self.decoder.prefill(rows, capacity, self.tokenizer.pad_id)
         for step in range(max_new_tokens):
             tok = next_tokens(logits, cfg, rng, seen)
             tok[done] = self.eod_id
@@ -154,9 +154,7 @@ class CPMGenerator:
             yield generated
             if done.all() or step == max_new_tokens - 1:
                 return
-            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
-            last_pos = last_pos + 1
-            logits, past = self.decoder(tok[:, None], mask, last_pos, past)
+            logits = self.decoder.step(state, tok)
 
     def stream(self, prompt: str, max_length: int | None = None, max_new_tokens: int | None = None,
                truncate_prompt: bool = False, **sampling) -> Iterator[str]:

@@ -52,6 +52,42 @@ class OnnxRuntimeRunner:
     def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None, optimize: bool = True):
         self.session = create_session(path, provider, threads, optimize)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_types = {i.name: _np_type(i.type) for i in self.session.get_inputs()}
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {k: v.astype(self.input_types.get(k, v.dtype), copy=False) for k, v in feeds.items()}
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+
+def _np_type(ort_type: str):
+    return {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64,
+            "tensor(int32)": np.int32}.get(ort_type, None)
+
+
+class SharedKVRunner:
+    """``infer(feeds, past) -> {name: array}`` for shared-KV graphs: each past buffer is bound as
+    both past input and present output, as the runtime does, and is updated in place."""
+
+    def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None, optimize: bool = True):
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.session = create_session(path, provider, threads, optimize)
+
+    def infer(self, feeds: dict[str, np.ndarray], past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self.session.io_binding()
+        types = {i.name: _np_type(i.type) for i in self.session.get_inputs()}
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+        out = {}
+        for name, buf in past.items():
+            buf = buf.astype(types[name], copy=False)
+            value = self.ort.OrtValue.ortvalue_from_numpy(buf)  # shares buf's memory on the CPU
+            binding.bind_ortvalue_input(name, value)
+            present = name.replace("past_key_values.", "present.")
+            binding.bind_ortvalue_output(present, value)
+            out[present] = buf
+        self.session.run_with_iobinding(binding)
+        out["logits"] = binding.get_outputs()[0].numpy()
+        return out

@@ -1,0 +1,1 @@
+"""Rewrite rules for onnxruntime, one per file (pattern / check / rewrite)."""

@@ -1,0 +1,120 @@
+"""Graph variants of a bundle: (target, precision) -> files written beside the base graphs.
+
+| target | precision | graph |
+| cpu, cuda | fp32 | fused for onnxruntime (GroupQueryAttention, shared KV), same data file as the base |
+| cpu | int8, int4 | fused + MatMulNBits weights (head included), own data file |
+| cuda | fp16 | fused, fp16 with LayerNorm and softmax in fp32, own data file |
+| trt | fp32 | the standard last-position graph itself (TensorRT parses standard ops only) |
+| trt | fp16 | the standard graph in fp16 with fp32 islands, own data file |
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from .fuse import fuse_for_ort
+from .fusions import tied_head_matmul
+from .precision import to_fp16
+from .quantize import quantize_matmuls
+
+BASE = "decoder_last.onnx"
+TARGETS = {"cpu": ("fp32", "int8", "int4"), "cuda": ("fp32", "fp16"), "trt": ("fp32", "fp16")}
+# Verification gates against the fp32 PyTorch reference. fp32 is held elementwise; reduced
+# precisions by the mean KL divergence of their next-token distributions (top-1 agreement is
+# reported but not gated: on random weights the distributions are nearly flat and top-1 is a
+# coin toss, while KL stays meaningful at any sharpness).
+GATES = {
+    "fp32": {"atol": 1e-3, "rtol": 1e-3},
+    "fp16": {"max_mean_kl": 1e-3},
+    "int8": {"max_mean_kl": 1e-2},
+    "int4": {"max_mean_kl": 1e-1},
+}
+
+
+class VariantError(ValueError):
+    pass
+
+
+@dataclass
+class Variant:
+    name: str
+    target: str
+    precision: str
+    file: str
+    data: str | None
+    kv_cache: str  # "shared" (GroupQueryAttention buffers) or "concat" (standard past/present)
+    fusions: dict
+    ops: dict
+
+    def manifest_entry(self) -> dict:
+        return {"file": self.file, "data": self.data, "target": self.target, "precision": self.precision,
+                "kv_cache": self.kv_cache, "logits": "last", "fusions": self.fusions, "ops": self.ops,
+                "gate": GATES[self.precision]}
+
+
+def check_request(target: str, precision: str) -> None:
+    if target not in TARGETS:
+        raise VariantError(f"unknown target {target!r}; choose {', '.join(TARGETS)}")
+    if precision not in TARGETS[target]:
+        raise VariantError(f"precision {precision} is not built for target {target} "
+                           f"(it has {', '.join(TARGETS[target])})")
+
+
+def build(folder: Path, target: str, precision: str, n_layer: int) -> Variant:
+    """Write the variant's graph (and data) into ``folder``, which holds the base graphs."""
+    check_request(target, precision)
+    name = f"{target}-{precision}"
+    file = f"decoder_{target}_{precision}.onnx"
+    data = f"{file}.data"
+    if target == "trt" and precision == "fp32":
+        model = onnx.load(str(folder / BASE), load_external_data=False)
+        return Variant(name, target, precision, BASE, "decoder.onnx.data", "concat", {}, _ops(model))
+    if target == "trt":
+        model = to_fp16(onnx.load(str(folder / BASE)))
+        _save(model, folder / file, data)
+        return Variant(name, target, precision, file, data, "concat", {}, _ops(model))
+
+    fused = ir.load(str(folder / BASE))
+    counts = fuse_for_ort(fused, n_layer)
+    if precision == "fp32":  # weights unchanged: keep pointing at the base data file
+        ir.save(fused, str(folder / file))
+        return Variant(name, target, precision, file, "decoder.onnx.data", "shared", counts, _ops(ir.to_proto(fused)))
+    if precision in ("int8", "int4"):
+        counts["tied_head_matmul"] = tied_head_matmul.rules.apply_to_model(fused)
+        proto = _with_data(fused, folder)
+        proto, counts["matmul_nbits"] = quantize_matmuls(proto, bits=8 if precision == "int8" else 4)
+        if counts["tied_head_matmul"] != 1 or counts["matmul_nbits"] != 4 * n_layer + 1:
+            raise VariantError(f"quantization covered {counts['matmul_nbits']} of {4 * n_layer + 1} MatMuls")
+    else:  # cuda fp16
+        proto = to_fp16(_with_data(fused, folder))
+    _save(proto, folder / file, data)
+    return Variant(name, target, precision, file, data, "shared", counts, _ops(proto))
+
+
+def _with_data(model: ir.Model, folder: Path) -> onnx.ModelProto:
+    proto = ir.to_proto(model)
+    onnx.load_external_data_for_model(proto, str(folder))
+    return proto
+
+
+def _save(model: onnx.ModelProto, path: Path, data: str) -> None:
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+              size_threshold=1024)
+    os.chmod(path.parent / data, 0o644)  # onnx writes it 0600
+
+
+def _ops(model: onnx.ModelProto) -> dict:
+    return dict(Counter(n.op_type for n in model.graph.node).most_common())
+
+
+def passes_gate(report: dict, precision: str) -> bool:
+    gate = GATES[precision]
+    if "atol" in gate:
+        return report["passed"]
+    return report["mean_kl"] <= gate["max_mean_kl"]
