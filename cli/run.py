@@ -30,12 +30,13 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
               help="One prompt per line ('-' for stdin); prints JSON lines.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="onnxruntime execution provider.")
+@click.option("-g", "--graph", help="Graph variant of the bundle (e.g. cpu-int4); default: the bundle's default.")
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--truncate-prompt", is_flag=True, help="Drop the start of prompts that are too long instead of failing.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle files (sizes are still checked).")
 @click.option("--benchmark", is_flag=True, help="Print prompt tokens/s, decode tokens/s, time to first token, peak memory.")
 def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top_k, top_p, repetition_penalty,
-         seed, num_return_sequences, stop, prompts_file, provider, threads, truncate_prompt, no_verify, benchmark):
+         seed, num_return_sequences, stop, prompts_file, provider, graph, threads, truncate_prompt, no_verify, benchmark):
     """Generate a continuation of PROMPT with the model in BUNDLE, streamed to stdout.
 
     Without PROMPT, prompts are read one per line from --prompts-file or from stdin, and each
@@ -46,7 +47,7 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
       cpm-run ./cpm-bundle "清华大学"
       cpm-run ./cpm-bundle "天下是否太平" -n 100 --sample -p 0.9 --seed 1
       cpm-run ./cpm-bundle -f prompts.txt > out.jsonl
-      cpm-run ./cpm-bundle "清华大学" --benchmark -n 128
+      cpm-run ./cpm-bundle "清华大学" --benchmark -n 128 --graph cpu-int4
     """
     setup_logging()
     from ..runtime import BundleError, CPMGenerator, GenerationError, ProviderError, SamplingConfig
@@ -62,7 +63,7 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
             if sys.stdin is None or sys.stdin.isatty():
                 raise click.UsageError("give a PROMPT, or prompts with --prompts-file / on stdin")
             prompts_file = sys.stdin
-        gen = CPMGenerator.from_bundle(bundle, provider=provider, threads=threads, verify=not no_verify)
+        gen = CPMGenerator.from_bundle(bundle, provider=provider, threads=threads, verify=not no_verify, variant=graph)
         lengths = dict(max_length=max_length, max_new_tokens=max_new_tokens, truncate_prompt=truncate_prompt)
         if benchmark:
             _benchmark(gen, prompt or "清华大学", lengths, SamplingConfig(**sampling))

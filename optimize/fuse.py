@@ -32,6 +32,9 @@ def fuse_for_ort(model: ir.Model, n_layer: int) -> dict[str, int]:
     io = shared_kv.add_inputs(model)
     counts["attention_to_gqa"] = gqa_attention.rules(io).apply_to_model(model)
     counts["last_valid_logits"] = last_valid_logits.rules(io.query_seqlens).apply_to_model(model)
+    # per layer: attention, GELU, bias; two Add+LayerNorm pairs (embeddings + ln_2, residual + next ln_1)
+    _require(counts, {"fast_gelu": n_layer, "fast_gelu_bias": n_layer, "skip_layer_norm": 2 * n_layer,
+                      "attention_to_gqa": n_layer, "last_valid_logits": 1})
     RemoveUnusedNodesPass()(model)  # the attention_mask subgraph is dead now
     shared_kv.finish(model)
     RemoveUnusedNodesPass()(model)
@@ -40,10 +43,10 @@ def fuse_for_ort(model: ir.Model, n_layer: int) -> dict[str, int]:
             del model.graph.initializers[name]
     RemoveUnusedOpsetsPass()(model)
     model.opset_imports.setdefault("com.microsoft", 1)
-    # per layer: attention, GELU, bias; two Add+LayerNorm pairs (embeddings + ln_2, residual + next ln_1)
-    required = {"attention_to_gqa": n_layer, "last_valid_logits": 1, "fast_gelu": n_layer,
-                "fast_gelu_bias": n_layer, "skip_layer_norm": 2 * n_layer}
+    return counts
+
+
+def _require(counts: dict[str, int], required: dict[str, int]) -> None:
     missed = {k: f"{counts[k]} of {v}" for k, v in required.items() if counts[k] < v}
     if missed:
         raise FusionError(f"fusion passes fired too rarely: {missed}; the graph no longer has the shape they match")
-    return counts

@@ -26,9 +26,10 @@ class _OrtDecoder:
         self.session = create_session(path, provider, threads)
         self.n_layer, self.n_head = config["n_layer"], config["n_head"]
         self.head_dim = config["n_embd"] // config["n_head"]
-        self.dtype = np.float16 if "float16" in self.session.get_inputs()[-1].type else np.float32
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.n_layer) for k in ("key", "value")]
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        self.dtype = np.float16 if types[self.past_names[0]] == "tensor(float16)" else np.float32
         self.present_names = [f"present.{i}.{k}" for i in range(self.n_layer) for k in ("key", "value")]
         self.input_names = {i.name for i in self.session.get_inputs()}
 

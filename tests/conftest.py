@@ -123,8 +123,11 @@ def trained_hf(pytestconfig, vocab_file) -> Path:
 def trained_bundle(tmp_path_factory, trained_hf) -> Path:
     from cpm_deploy.exporter import export_bundle
 
+    from cpm_deploy.exporter import ExportOptions
+
     out = tmp_path_factory.mktemp("trained") / "bundle"
-    export_bundle(trained_hf, out)
+    variants = (("cpu", "fp32"), ("cpu", "int8"), ("cpu", "int4"), ("trt", "fp16"), ("cuda", "fp16"))
+    export_bundle(trained_hf, out, ExportOptions(variants=variants))
     return out
 
 
