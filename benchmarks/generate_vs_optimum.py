@@ -1,9 +1,11 @@
 """cpm-deploy's runtime against Optimum's ORTModelForCausalLM on the same random weights, one run.
 
-Both run fp32 on onnxruntime's CPU provider with the same thread count, greedy, exactly N new
-tokens, the same token ids. Each system is timed the same way, alternating, median of repeats:
+Every system runs on onnxruntime's CPU provider with the same thread count, greedy, exactly N new
+tokens, the same token ids. Each is timed the same way, alternating, median of repeats:
   time to first token = wall time of a 1-token generation (prefill + first choice);
   decode tokens/s     = (N - 1) / (T(N tokens) - T(1 token)).
+Systems: Optimum (fp32), and each graph of one cpm-deploy bundle: decoder_last (standard ops,
+concatenating KV cache), cpu-fp32 (fused, shared KV buffer), cpu-int8, cpu-int4.
 
 Optimum's ONNX backend needs its own environment (it pins transformers < 4.58):
     python -m venv /tmp/optvenv && /tmp/optvenv/bin/pip install torch==2.13.0
@@ -22,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 
-def ours(bundle: Path, threads: int):
+def ours(bundle: Path, threads: int, graph: str):
     from cpm_deploy.runtime import CPMGenerator, SamplingConfig
 
-    gen = CPMGenerator.from_bundle(bundle, threads=threads, verify=False)
+    gen = CPMGenerator.from_bundle(bundle, threads=threads, verify=False, variant=graph)
     gen.eod_id = -1  # always decode exactly n tokens
 
     def run(ids: list[int], n: int) -> list[int]:
@@ -71,6 +73,8 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--ttft-prompt", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--long", type=int, default=512, help="prompt and new tokens of the long run (0 = skip)")
+    ap.add_argument("--graphs", default="decoder_last,cpu-fp32,cpu-int8,cpu-int4")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/out/generate_vs_optimum.json"))
     args = ap.parse_args()
 
@@ -83,40 +87,61 @@ def main():
     if not ckpt.exists():
         write_random_checkpoint(CPMConfig.from_preset(args.preset), ckpt, seed=0, tokenizer=args.tokenizer)
     if not bundle.exists():
-        export_bundle(ckpt, bundle)
+        from cpm_deploy.exporter import ExportOptions
+
+        export_bundle(ckpt, bundle, ExportOptions(variants=(("cpu", "fp32"), ("cpu", "int8"), ("cpu", "int4"))))
     if not onnx_dir.exists():
         from optimum.onnxruntime import ORTModelForCausalLM
 
         ORTModelForCausalLM.from_pretrained(ckpt, export=True, use_cache=True).save_pretrained(onnx_dir)
 
-    systems = {"cpm-deploy": ours(bundle, args.threads), "optimum": optimum(onnx_dir, args.threads)}
+    systems = {"optimum": optimum(onnx_dir, args.threads)}
+    for graph in args.graphs.split(","):
+        systems[graph] = ours(bundle, args.threads, graph)
     rng = np.random.default_rng(0)
     short = rng.integers(100, 30000, args.prompt).tolist()
     long = rng.integers(100, 30000, args.ttft_prompt).tolist()
-    outputs = {name: run(short, 16) for name, run in systems.items()}  # warm-up; the same weights should give the same tokens
-    same_tokens = outputs["cpm-deploy"] == outputs["optimum"]
+    outputs = {name: run(short, 16) for name, run in systems.items()}  # warm-up; same weights, same tokens?
+    same = {name: out == outputs["optimum"] for name, out in outputs.items()}
 
-    samples = {name: {"t1": [], "tn": [], "ttft_long": []} for name in systems}
+    samples = {name: {"t1": [], "tn": [], "ttft_long": [], "long_t1": [], "long_tn": []} for name in systems}
     for _ in range(args.repeats):
         for name, run in systems.items():
             samples[name]["t1"].append(timed(run, short, 1))
             samples[name]["tn"].append(timed(run, short, args.new))
             samples[name]["ttft_long"].append(timed(run, long, 1))
+    if args.long:
+        prompt = rng.integers(100, 30000, args.long).tolist()
+        for name, run in systems.items():  # one repeat: each run decodes 512 tokens
+            samples[name]["long_t1"].append(timed(run, prompt, 1))
+            samples[name]["long_tn"].append(timed(run, prompt, args.long))
     result = {"preset": args.preset, "threads": args.threads, "prompt": args.prompt, "new_tokens": args.new,
-              "ttft_prompt": args.ttft_prompt, "repeats": args.repeats, "same_greedy_tokens": same_tokens, "systems": {}}
+              "ttft_prompt": args.ttft_prompt, "long": args.long, "repeats": args.repeats,
+              "same_greedy_tokens_as_optimum": same, "systems": {}}
     for name, s in samples.items():
         t1, tn, tl = (statistics.median(s[k]) for k in ("t1", "tn", "ttft_long"))
-        result["systems"][name] = {"ttft_short_s": t1, "decode_tokens_per_s": (args.new - 1) / (tn - t1),
-                                   "ttft_long_s": tl, "samples": s}
-    a, b = result["systems"]["cpm-deploy"], result["systems"]["optimum"]
-    result["ratios"] = {"decode_tokens_per_s": a["decode_tokens_per_s"] / b["decode_tokens_per_s"],
-                        "ttft_long_speedup": b["ttft_long_s"] / a["ttft_long_s"]}
-    print(f"{args.preset}, fp32, batch 1, {args.threads} threads; greedy tokens identical: {same_tokens}")
-    print(f"{'system':<12} {'decode tok/s':>13} {'TTFT ' + str(args.prompt):>10} {'TTFT ' + str(args.ttft_prompt):>10}")
+        r = {"ttft_short_s": t1, "decode_tokens_per_s": (args.new - 1) / (tn - t1), "ttft_long_s": tl, "samples": s}
+        if args.long:
+            r["long_decode_tokens_per_s"] = (args.long - 1) / (s["long_tn"][0] - s["long_t1"][0])
+        result["systems"][name] = r
+    base = result["systems"]["optimum"]
+    result["ratios_vs_optimum"] = {
+        name: {"decode": r["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+               "ttft_long_speedup": base["ttft_long_s"] / r["ttft_long_s"],
+               **({"long_decode": r["long_decode_tokens_per_s"] / base["long_decode_tokens_per_s"]} if args.long else {})}
+        for name, r in result["systems"].items()}
+    print(f"{args.preset}, batch 1, {args.threads} threads; ratios against Optimum fp32 in the same run")
+    head = f"{'system':<14} {'decode tok/s':>12} {'ratio':>6} {'TTFT ' + str(args.ttft_prompt):>9} {'ratio':>6}"
+    if args.long:
+        head += f" {f'{args.long}+{args.long} tok/s':>15} {'ratio':>6}"
+    print(head + "  same tokens")
     for name, r in result["systems"].items():
-        print(f"{name:<12} {r['decode_tokens_per_s']:>13.1f} {r['ttft_short_s'] * 1e3:>8.0f}ms {r['ttft_long_s'] * 1e3:>8.0f}ms")
-    print(f"ratio: decode {result['ratios']['decode_tokens_per_s']:.2f}x, "
-          f"TTFT({args.ttft_prompt}) {result['ratios']['ttft_long_speedup']:.2f}x faster")
+        q = result["ratios_vs_optimum"][name]
+        line = (f"{name:<14} {r['decode_tokens_per_s']:>12.1f} {q['decode']:>5.2f}x {r['ttft_long_s'] * 1e3:>7.0f}ms"
+                f" {q['ttft_long_speedup']:>5.2f}x")
+        if args.long:
+            line += f" {r['long_decode_tokens_per_s']:>15.1f} {q['long_decode']:>5.2f}x"
+        print(line + f"  {same[name]}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
 

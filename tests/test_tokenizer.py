@@ -127,3 +127,15 @@ def test_jieba_cache_goes_to_the_user_cache(tmp_path, vocab_file):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert list((tmp_path / "cpm-deploy").glob("jieba*.cache"))
+
+
+def test_every_package_folder_is_installed():
+    """pyproject lists packages explicitly; a folder left out would vanish from a regular install."""
+    import tomllib
+
+    from conftest import ROOT
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"cpm_deploy"} | {"cpm_deploy." + ".".join(p.parent.relative_to(ROOT).parts)
+                              for p in ROOT.glob("*/**/__init__.py") if p.parent.name not in ("tests", "benchmarks")}
+    assert found <= listed, found - listed
