@@ -31,12 +31,14 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="onnxruntime execution provider.")
 @click.option("-g", "--graph", help="Graph variant of the bundle (e.g. cpu-int4); default: the bundle's default.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt runs the bundle's engine for this GPU (built with cpm-trt build).")
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--truncate-prompt", is_flag=True, help="Drop the start of prompts that are too long instead of failing.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle files (sizes are still checked).")
 @click.option("--benchmark", is_flag=True, help="Print prompt tokens/s, decode tokens/s, time to first token, peak memory.")
 def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top_k, top_p, repetition_penalty,
-         seed, num_return_sequences, stop, prompts_file, provider, graph, threads, truncate_prompt, no_verify, benchmark):
+         seed, num_return_sequences, stop, prompts_file, provider, graph, backend, threads, truncate_prompt, no_verify, benchmark):
     """Generate a continuation of PROMPT with the model in BUNDLE, streamed to stdout.
 
     Without PROMPT, prompts are read one per line from --prompts-file or from stdin, and each
@@ -51,8 +53,9 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
     """
     setup_logging()
     from ..runtime import BundleError, CPMGenerator, GenerationError, ProviderError, SamplingConfig
+    from ..runtime.cuda import CudaUnavailable
 
-    errors = (BundleError, GenerationError, ProviderError, ValueError, FileNotFoundError)
+    errors = (BundleError, GenerationError, ProviderError, ValueError, FileNotFoundError, CudaUnavailable, RuntimeError)
     with user_errors(*errors):
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
@@ -63,7 +66,8 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
             if sys.stdin is None or sys.stdin.isatty():
                 raise click.UsageError("give a PROMPT, or prompts with --prompts-file / on stdin")
             prompts_file = sys.stdin
-        gen = CPMGenerator.from_bundle(bundle, provider=provider, threads=threads, verify=not no_verify, variant=graph)
+        gen = CPMGenerator.from_bundle(bundle, provider=provider, threads=threads, verify=not no_verify, variant=graph,
+                                         backend=backend)
         lengths = dict(max_length=max_length, max_new_tokens=max_new_tokens, truncate_prompt=truncate_prompt)
         if benchmark:
             _benchmark(gen, prompt or "清华大学", lengths, SamplingConfig(**sampling))

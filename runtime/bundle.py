@@ -86,3 +86,18 @@ class Bundle:
     def tokenizer_path(self) -> Path | None:
         tok = self.manifest.get("tokenizer")
         return self.path / tok["file"] if tok else None
+
+
+def update_manifest(folder: str | Path, change) -> dict:
+    """Apply ``change(manifest)`` and rewrite manifest.json atomically (files added later, engines)."""
+    folder = Path(folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    change(manifest)
+    tmp = folder / f".{MANIFEST}.partial"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(folder / MANIFEST)
+    return manifest
+
+
+def file_entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}

@@ -38,11 +38,18 @@ class CPMGenerator:
 
     @classmethod
     def from_bundle(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
-                    verify: bool = True, variant: str | None = None) -> "CPMGenerator":
-        """Load a bundle; ``variant`` names a graph of the manifest (default: the generation graph)."""
+                    verify: bool = True, variant: str | None = None, backend: str = "onnxruntime") -> "CPMGenerator":
+        """Load a bundle; ``variant`` names a graph of the manifest (default: the bundle's default).
+
+        ``backend="tensorrt"`` runs the bundle's TensorRT engine built for this GPU instead.
+        """
         bundle = Bundle.open(path, verify=verify)
         if bundle.tokenizer_path is None:
             raise ValueError(f"bundle {path} ships no tokenizer model")
+        if backend == "tensorrt":
+            return cls(_tensorrt_decoder(bundle), CPMTokenizer(bundle.tokenizer_path), bundle.config)
+        if backend != "onnxruntime":
+            raise ValueError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
         name = variant or bundle.default_graph
         graph = bundle.graph(name)
         decoder = open_decoder(bundle.path / graph["file"], bundle.config, graph.get("kv_cache", "concat"), provider, threads)
@@ -176,6 +183,18 @@ class CPMGenerator:
         visible = _cut_at_stop(text.emitted, cfg.stop)[0]
         if len(visible) > sent_chars:
             yield visible[sent_chars:]
+
+
+def _tensorrt_decoder(bundle: Bundle):
+    from .cuda import device
+    from .tensorrt_decoder import TensorRTDecoder
+
+    engines = bundle.manifest.get("engines", {})
+    if not engines:
+        raise ValueError(f"bundle {bundle.path} has no TensorRT engine; build one on this GPU with `cpm-trt build`")
+    cc = list(device()["compute_capability"])
+    name = next((k for k, e in engines.items() if e["compute_capability"] == cc), next(iter(engines)))
+    return TensorRTDecoder(bundle.path / engines[name]["file"], engines[name], bundle.config)
 
 
 def _as_tuple(sampling: dict) -> dict:
