@@ -27,7 +27,7 @@ def test_readme_examples_run(tmp_path, vocab_file):
         r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout + r.stderr
-        assert "decode tokens/s" in r.stdout and "清华大学" not in r.stderr
+        assert "decode tokens/s" in r.stdout and "Traceback" not in r.stderr
     for code in python:
         r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
