@@ -108,3 +108,15 @@ def test_sampled_batch_rows_are_independent(trained_generator):
     ids = trained_generator.generate_ids(["股市"], max_new_tokens=12, do_sample=True, num_return_sequences=4, seed=0)
     assert len({tuple(r) for r in ids}) > 1
     assert np.all([len(r) >= 1 for r in ids])
+
+
+def test_generation_needs_no_torch_or_onnx(trained_bundle):
+    import subprocess
+    import sys
+
+    code = (f"import sys; from cpm_deploy.runtime import CPMGenerator; "
+            f"g = CPMGenerator.from_bundle({str(trained_bundle)!r}); g('股市', max_new_tokens=3); "
+            f"g = CPMGenerator.from_bundle({str(trained_bundle)!r}, variant='cpu-int4'); g('股市', max_new_tokens=3); "
+            "bad = {'torch', 'onnx', 'onnxscript', 'onnx_ir', 'transformers'} & set(sys.modules); assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

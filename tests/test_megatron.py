@@ -173,3 +173,14 @@ def test_convert_cli_writes_a_folder_transformers_loads(megatron_dir, tmp_path, 
         assert (hf(ids).logits - tiny_model(ids)[0]).abs().max() <= 1e-4
     again = CliRunner().invoke(checkpoint_cli, ["convert", str(megatron_dir), str(out)])
     assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_export_straight_from_the_original_format(megatron_dir, tmp_path):
+    from cpm_deploy.exporter import export_bundle
+    from cpm_deploy.runtime import Bundle
+
+    m = export_bundle(megatron_dir, tmp_path / "bundle")
+    assert m["source"]["format"] == "cpm-original"
+    assert m["graphs"]["decoder"]["parity"]["passed"] and m["graphs"]["cpu-fp32"]["parity"]["passed"]
+    assert m["tokenizer"]["file"] == "chinese_vocab.model"
+    Bundle.open(tmp_path / "bundle")

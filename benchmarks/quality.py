@@ -1,0 +1,81 @@
+"""Quality of every graph variant on real text: size, perplexity, top-1 agreement and mean KL
+against the fp32 PyTorch reference, teacher-forced through the generation graphs.
+
+Model: the tiny CPM the tests train briefly on TNEWS headlines (tests/trained_tiny.py; it memorises
+the first 300, so perplexity is measured on those lines: held-out text is noise to it).
+
+    python benchmarks/quality.py --vocab ../shared/cpm-vocab/chinese_vocab.model --corpus ../shared/corpus/tnews-headlines.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = (("cpu", "fp32"), ("cpu", "int8"), ("cpu", "int4"), ("trt", "fp16"), ("cuda", "fp16"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocab", type=Path, required=True)
+    ap.add_argument("--corpus", type=Path, required=True)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/cpm-quality"))
+    ap.add_argument("--lines", type=int, default=100)
+    ap.add_argument("--json", type=Path, default=Path("benchmarks/out/quality.json"))
+    args = ap.parse_args()
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from trained_tiny import train
+
+    from cpm_deploy.exporter import ExportOptions, export_bundle, load_checkpoint
+    from cpm_deploy.runtime import Bundle, CPMGenerator
+    from cpm_deploy.runtime.evaluate import log_softmax, next_token_logits, perplexity
+
+    lines = [x for x in args.corpus.read_text(encoding="utf-8").splitlines() if x.strip()]
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    ckpt = train(args.vocab, lines[:4000], args.workdir / "trained")
+    bundle = args.workdir / "bundle"
+    export_bundle(ckpt, bundle, ExportOptions(variants=VARIANTS))
+    manifest = Bundle.open(bundle).manifest
+    reference = load_checkpoint(ckpt).model
+    rows = {}
+    for target, precision in VARIANTS:
+        name = f"{target}-{precision}"
+        gen = CPMGenerator.from_bundle(bundle, variant=name, verify=False)
+        texts = [gen.tokenizer.encode(t) + [gen.tokenizer.eod_id] for t in lines[:args.lines]]
+        agree = total = 0
+        kl, worst = [], 0.0
+        for ids in texts:
+            got = next_token_logits(gen.decoder, ids)
+            with torch.no_grad():
+                want = reference(torch.tensor([ids]))[0][0, :-1].numpy()
+            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+            total += len(ids) - 1
+            lp, lq = log_softmax(want), log_softmax(got)
+            kl.append(np.sum(np.exp(lp) * (lp - lq), -1))
+            worst = max(worst, float(np.abs(got - want).max()))
+        g = manifest["graphs"][name]
+        size = manifest["files"][g["file"]]["bytes"] + manifest["files"][g["data"]]["bytes"]
+        rows[name] = {"bytes": size, "perplexity": perplexity(gen.decoder, texts), "top1_agreement": agree / total,
+                      "mean_kl": float(np.mean(np.concatenate(kl))), "logits_max_abs_diff": worst, "positions": total}
+    base = rows["cpu-fp32"]["perplexity"]
+    print(f"tiny CPM trained on TNEWS headlines; {args.lines} headlines, {rows['cpu-fp32']['positions']} positions")
+    print(f"{'graph':<10} {'MB':>6} {'perplexity':>10} {'vs fp32':>8} {'top-1':>7} {'mean KL':>9} {'max|Δ|':>7}")
+    for name, r in rows.items():
+        print(f"{name:<10} {r['bytes'] / 1e6:>6.1f} {r['perplexity']:>10.2f} {r['perplexity'] / base:>7.3f}x "
+              f"{r['top1_agreement']:>7.2%} {r['mean_kl']:>9.1e} {r['logits_max_abs_diff']:>7.3f}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
