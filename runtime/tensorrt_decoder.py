@@ -43,7 +43,8 @@ class TensorRTDecoder:
         if self.engine is None:
             raise EngineError(f"TensorRT could not load {Path(engine_path).name}; rebuild it with `cpm-trt build`")
         self.context = self.engine.create_execution_context()
-        self.stream = check(self.rt.cudaStreamCreate())
+        self.stream = check(self.rt.cudaStreamCreate())  # for cuda-python calls
+        self.stream_handle = int(self.stream)  # TensorRT takes the raw handle
         limits = meta["limits"]
         self.max_batch, self.max_prompt, self.max_total = limits["max_batch"], limits["max_prompt"], limits["max_total"]
         self.n_layer, self.n_head = config["n_layer"], config["n_head"]
@@ -74,7 +75,7 @@ class TensorRTDecoder:
 
     def _run(self, profile: int, ids, mask, pos, state: TrtState, src: int, dst: int) -> np.ndarray:
         if self.profile != profile:
-            self.context.set_optimization_profile_async(profile, self.stream)
+            self.context.set_optimization_profile_async(profile, self.stream_handle)
             self.profile = profile
         B = ids.shape[0]
         for name, value in (("input_ids", ids), ("attention_mask", mask), ("position_ids", pos)):
@@ -85,7 +86,7 @@ class TensorRTDecoder:
             self.context.set_tensor_address(past, self.kv[src][i])
             self.context.set_tensor_address(present, self.kv[dst][i])
         self.context.set_tensor_address("logits", self.io["logits"])
-        if not self.context.execute_async_v3(self.stream):
+        if not self.context.execute_async_v3(self.stream_handle):
             raise EngineError("TensorRT execution failed")
         logits = np.empty((B, 1, self.vocab), np.float32)
         check(self.rt.cudaMemcpyAsync(logits.ctypes.data, self.io["logits"], logits.nbytes,
