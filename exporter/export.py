@@ -98,54 +98,17 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
         step("reference", i + 1, len(CASES))
 
     with staged_dir(out, options.overwrite) as tmp:
-        writer = ExternalDataWriter(tmp / DATA_FILE)
-        params = dict(ckpt.model.state_dict())
-        graphs = {}
-        for key, file, last_only in GRAPHS:  # the second graph reuses the data already written
-            model = build_decoder(cfg, lambda name: params[name].numpy(), writer, options.opset,
-                                  on_layer=lambda i: step("export", i + 1, cfg.n_layer), last_logits_only=last_only)
-            onnx.save(model, tmp / file)
-            onnx.checker.check_model(str(tmp / file))  # by path: external data is found, not loaded
-            graphs[key] = {"file": file, "data": DATA_FILE, "precision": "fp32", "opset": options.opset,
-                           "logits": "last" if last_only else "all", "io": _io_description(cfg, last_only),
-                           "nodes": nodes_per_layer(model)}
-            del model
-        data_sha = writer.close()
-        del params, ckpt  # free the torch weights before onnxruntime loads its own copy
+        graphs, data_sha = _write_base_graphs(tmp, ckpt, options.opset, step)
+        del ckpt  # free the torch weights before onnxruntime loads its own copy
         gc.collect()
         t_export = time.perf_counter()
-
-        for key, info in graphs.items():
-            runner = OnnxRuntimeRunner(tmp / info["file"], threads=options.threads, optimize=False)
-            info["parity"] = run_parity(expected, runner.infer, options.atol, options.rtol,
-                                        on_case=lambda d, n, k=key: step(f"verify {k}", d, n))
-            del runner
-            if not info["parity"]["passed"]:
-                raise ParityError(info["parity"])
+        _verify_base_graphs(tmp, graphs, expected, options, step)
         t_verify = time.perf_counter()
-
-        ranges = None
-        if any(p == "fp16" for _, p in options.variants):
-            ranges = _fp16_ranges(tmp, expected, tokenizer, step)
-        for target, precision in options.variants:
-            key = f"{target}-{precision}"
-            step(f"variant {key}", 0, 2)
-            variant = variants.build(tmp, target, precision, cfg.n_layer)
-            step(f"variant {key}", 1, 2)
-            graphs[key] = variant.manifest_entry()
-            graphs[key]["parity"] = _verify_variant(tmp, variant, expected, options.threads)
-            step(f"variant {key}", 2, 2)
-            if not variants.passes_gate(graphs[key]["parity"], precision):
-                raise ParityError(graphs[key]["parity"], f"{key} misses its gate {variants.GATES[precision]}")
+        ranges = _fp16_ranges(tmp, expected, tokenizer, step) if any(p == "fp16" for _, p in options.variants) else None
+        _build_variants(tmp, graphs, cfg.n_layer, expected, options, step)
         t_variants = time.perf_counter()
 
-        files = {DATA_FILE: data_sha}
-        shutil.copyfile(tokenizer, tmp / tokenizer.name)
-        tok_entry = {"file": tokenizer.name}
-        vocab = tokenizer.parent / "vocab.json"
-        if vocab.is_file():
-            shutil.copyfile(vocab, tmp / "vocab.json")
-            tok_entry["vocab"] = "vocab.json"
+        tok_entry = _copy_tokenizer(tokenizer, tmp)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -156,16 +119,65 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
             "tokenizer": tok_entry,
             "graphs": graphs,
             "default_graph": "-".join(options.variants[0]) if options.variants else "decoder_last",
-            "fp16_ranges": ranges and {"file": "fp16_ranges.json", "flagged": len(ranges["flagged"])},
+            "fp16_ranges": {"file": "fp16_ranges.json", "flagged": len(ranges["flagged"])} if ranges else None,
             "timings_s": {"load": round(t_load - t0, 2), "export": round(t_export - t_load, 2),
                           "verify": round(t_verify - t_export, 2), "variants": round(t_variants - t_verify, 2)},
-        }
-        manifest["files"] = {
-            p.name: {"bytes": p.stat().st_size, "sha256": files.get(p.name) or sha256_file(p)}
-            for p in sorted(tmp.iterdir())
+            "files": {p.name: {"bytes": p.stat().st_size, "sha256": data_sha if p.name == DATA_FILE else sha256_file(p)}
+                      for p in sorted(tmp.iterdir())},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
+
+
+def _write_base_graphs(folder: Path, ckpt, opset: int, step) -> tuple[dict, str]:
+    """Both standard graphs; the weights stream once into the data file the two share."""
+    cfg = ckpt.config
+    writer = ExternalDataWriter(folder / DATA_FILE)
+    params = dict(ckpt.model.state_dict())
+    graphs = {}
+    for key, file, last_only in GRAPHS:  # the second graph reuses the data already written
+        model = build_decoder(cfg, lambda name: params[name].numpy(), writer, opset,
+                              on_layer=lambda i: step("export", i + 1, cfg.n_layer), last_logits_only=last_only)
+        onnx.save(model, folder / file)
+        onnx.checker.check_model(str(folder / file))  # by path: external data is found, not loaded
+        graphs[key] = {"file": file, "data": DATA_FILE, "precision": "fp32", "opset": opset,
+                       "logits": "last" if last_only else "all", "io": _io_description(cfg, last_only),
+                       "nodes": nodes_per_layer(model)}
+    return graphs, writer.close()
+
+
+def _verify_base_graphs(folder: Path, graphs: dict, expected, options: ExportOptions, step) -> None:
+    for key, info in graphs.items():
+        runner = OnnxRuntimeRunner(folder / info["file"], threads=options.threads, optimize=False)
+        info["parity"] = run_parity(expected, runner.infer, options.atol, options.rtol,
+                                    on_case=lambda d, n, k=key: step(f"verify {k}", d, n))
+        del runner  # one onnxruntime copy of the weights at a time
+        if not info["parity"]["passed"]:
+            raise ParityError(info["parity"])
+
+
+def _build_variants(folder: Path, graphs: dict, n_layer: int, expected, options: ExportOptions, step) -> None:
+    for target, precision in options.variants:
+        key = f"{target}-{precision}"
+        step(f"variant {key}", 0, 2)
+        variant = variants.build(folder, target, precision, n_layer)
+        step(f"variant {key}", 1, 2)
+        graphs[key] = variant.manifest_entry()
+        same_file = next((g for g in graphs.values() if g["file"] == variant.file and "parity" in g), None)
+        graphs[key]["parity"] = same_file["parity"] if same_file else _verify_variant(folder, variant, expected, options.threads)
+        step(f"variant {key}", 2, 2)
+        if not variants.passes_gate(graphs[key]["parity"], precision):
+            raise ParityError(graphs[key]["parity"], f"{key} misses its gate {variants.GATES[precision]}")
+
+
+def _copy_tokenizer(tokenizer: Path, folder: Path) -> dict:
+    shutil.copyfile(tokenizer, folder / tokenizer.name)
+    entry = {"file": tokenizer.name}
+    vocab = tokenizer.parent / "vocab.json"
+    if vocab.is_file():
+        shutil.copyfile(vocab, folder / "vocab.json")
+        entry["vocab"] = "vocab.json"
+    return entry
 
 
 def _verify_variant(folder: Path, variant, expected, threads) -> dict:
