@@ -129,11 +129,12 @@ def build_decoder(
     for i in range(cfg.n_layer):
         g.scope, p = f"/h.{i}", f"transformer.h.{i}."
 
-        def w(suffix):
+        def w(suffix, p=p):
             return g.weight(p + suffix, weight(p + suffix))
 
         def linear(inp, mod, name):
-            return g.op("Add", g.op("MatMul", inp, w(mod + ".weight"), name=name + "/matmul"), w(mod + ".bias"), name=name + "/bias")
+            matmul = g.op("MatMul", inp, w(mod + ".weight"), name=name + "/matmul")
+            return g.op("Add", matmul, w(mod + ".bias"), name=name + "/bias")
 
         h = g.op("LayerNormalization", x, w("ln_1.weight"), w("ln_1.bias"), name="ln_1", axis=-1, epsilon=eps)
         qkv = g.op("Reshape", linear(h, "attn.c_attn", "qkv"), "c/qkv_shape", name="qkv/heads")  # [B, S, 3nh, hd]

@@ -14,8 +14,9 @@ def peak_rss_mb() -> float:
 
 
 def measure(gen: CPMGenerator, prompt_ids: list[int], new_tokens: int,
-            cfg: SamplingConfig = SamplingConfig(), batch: int = 1) -> dict:
+            cfg: SamplingConfig | None = None, batch: int = 1) -> dict:
     """Generates exactly ``new_tokens`` (no early stop at <eod>) and times prefill and decode apart."""
+    cfg = cfg or SamplingConfig()
     eod = gen.eod_id
     gen.eod_id = -1  # never finish early: a benchmark must decode the number of tokens asked for
     try:

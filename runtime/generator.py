@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,6 @@ from .decoder import open_decoder
 from .sampling import SamplingConfig, next_tokens
 from .tokenizer import CPMTokenizer, StreamDecoder
 
-log = logging.getLogger("cpm_deploy")
 DEFAULT_NEW_TOKENS = 50
 
 
@@ -33,6 +31,7 @@ class Request:
 class CPMGenerator:
     def __init__(self, decoder, tokenizer: CPMTokenizer, config: dict):
         self.decoder, self.tokenizer, self.config = decoder, tokenizer, config
+        self.graph_name: str | None = None  # the manifest graph it runs, when loaded from a bundle
         self.n_positions = config["n_positions"]
         self.eod_id = config.get("eod_id", tokenizer.eod_id)
 
@@ -47,7 +46,10 @@ class CPMGenerator:
         if bundle.tokenizer_path is None:
             raise ValueError(f"bundle {path} ships no tokenizer model")
         if backend == "tensorrt":
-            return cls(_tensorrt_decoder(bundle), CPMTokenizer(bundle.tokenizer_path), bundle.config)
+            decoder, name = _tensorrt_decoder(bundle)
+            gen = cls(decoder, CPMTokenizer(bundle.tokenizer_path), bundle.config)
+            gen.graph_name = name
+            return gen
         if backend != "onnxruntime":
             raise ValueError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
         name = variant or bundle.default_graph
@@ -194,7 +196,7 @@ def _tensorrt_decoder(bundle: Bundle):
         raise ValueError(f"bundle {bundle.path} has no TensorRT engine; build one on this GPU with `cpm-trt build`")
     cc = list(device()["compute_capability"])
     name = next((k for k, e in engines.items() if e["compute_capability"] == cc), next(iter(engines)))
-    return TensorRTDecoder(bundle.path / engines[name]["file"], engines[name], bundle.config)
+    return TensorRTDecoder(bundle.path / engines[name]["file"], engines[name], bundle.config), name
 
 
 def _as_tuple(sampling: dict) -> dict:

@@ -1,3 +1,4 @@
+import dataclasses
 import logging
 
 import pytest
@@ -14,7 +15,7 @@ def test_presets_match_cpm_sizes():
 
 
 def test_config_is_frozen_and_validated():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         PRESETS["small"].n_layer = 3
     with pytest.raises(ConfigError, match="not divisible"):
         CPMConfig(n_embd=100, n_head=12)

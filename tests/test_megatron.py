@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 from cpm_deploy.cli.checkpoint import main as checkpoint_cli
 from cpm_deploy.exporter import CheckpointError, load_checkpoint
-from cpm_deploy.exporter.megatron_format import partition_files
 
 N_PARTS = 2
 
