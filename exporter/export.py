@@ -17,6 +17,7 @@ from .. import __version__
 from ..optimize import variants
 from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from ..runtime.session import OnnxRuntimeRunner, SharedKVRunner
+from .config import ConfigError
 from .external_data import ExternalDataWriter
 from .load import load_checkpoint
 from .onnx_graph import DIMS, build_decoder, io_spec, nodes_per_layer
@@ -90,6 +91,7 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
     if tokenizer is None:
         raise FileNotFoundError(f"no tokenizer model (spiece.model or chinese_vocab.model) beside {src}; "
                                 "pass --tokenizer FILE")
+    _check_vocabularies(tokenizer, cfg.vocab_size)
     t_load = time.perf_counter()
 
     expected = []
@@ -168,6 +170,21 @@ def _build_variants(folder: Path, graphs: dict, n_layer: int, expected, options:
         step(f"variant {key}", 2, 2)
         if not variants.passes_gate(graphs[key]["parity"], precision):
             raise ParityError(graphs[key]["parity"], f"{key} misses its gate {variants.GATES[precision]}")
+
+
+def _check_vocabularies(tokenizer: Path, model_vocab: int) -> None:
+    import logging
+
+    from ..runtime.tokenizer import CPMTokenizer
+
+    size = CPMTokenizer(tokenizer).vocab_size
+    if size > model_vocab:
+        raise ConfigError(f"the tokenizer {tokenizer.name} has {size} pieces but the model only {model_vocab} "
+                          "embeddings: it is not this model's tokenizer")
+    if size < model_vocab:
+        logging.getLogger("cpm_deploy").warning(
+            "the model has %d embeddings for a %d-piece tokenizer; generation never picks the %d extra ids",
+            model_vocab, size, model_vocab - size)
 
 
 def _copy_tokenizer(tokenizer: Path, folder: Path) -> dict:

@@ -34,6 +34,8 @@ class CPMGenerator:
         self.graph_name: str | None = None  # the manifest graph it runs, when loaded from a bundle
         self.n_positions = config["n_positions"]
         self.eod_id = config.get("eod_id", tokenizer.eod_id)
+        # a model vocabulary padded past the tokenizer's must never yield ids that cannot be decoded
+        self.decodable = min(config["vocab_size"], tokenizer.vocab_size)
 
     @classmethod
     def from_bundle(cls, path: str | Path, provider: str = "cpu", threads: int | None = None,
@@ -148,6 +150,8 @@ class CPMGenerator:
         capacity = max(len(r) for r in rows) + max_new_tokens
         logits, state = self.decoder.prefill(rows, capacity, self.tokenizer.pad_id)
         for step in range(max_new_tokens):
+            if self.decodable < logits.shape[-1]:
+                logits[:, self.decodable:] = -np.inf
             tok = next_tokens(logits, cfg, rng, seen)
             tok[done] = self.eod_id
             for r in np.flatnonzero(~done):

@@ -46,7 +46,7 @@ def train_fallback_vocab(path: Path) -> Path:
     text = [" ".join(w.replace(" ", "\u2582").replace("\n", "\u2583") for w in jieba.cut(line)) for line in corpus_lines()]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_writer=model, model_type="bpe", vocab_size=600,
+        sentence_iterator=iter(text), model_writer=model, model_type="bpe", vocab_size=400, hard_vocab_limit=False,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=["\u2583", "<sep>", "<pad>", "<mask>", "<eod>", "\u2582"],
         character_coverage=1.0, minloglevel=2,
     )

@@ -103,7 +103,7 @@ def test_random_checkpoints_shard_and_reload(tmp_path, tiny_cfg):
     from cpm_deploy.exporter.hf_format import save_hf_folder
     from cpm_deploy.exporter.state_dict import random_tensors
 
-    save_hf_folder(tmp_path / "s", tiny_cfg, random_tensors(tiny_cfg, 3), shard_bytes=1_000_000)
+    save_hf_folder(tmp_path / "s", tiny_cfg, random_tensors(tiny_cfg, 3), shard_bytes=40_000)
     assert (tmp_path / "s" / "model.safetensors.index.json").is_file() and len(files) == 1
     two = load_checkpoint(tmp_path / "s").model.state_dict()
     assert all(torch.equal(one[k], two[k]) for k in one)

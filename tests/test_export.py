@@ -152,3 +152,16 @@ def test_generation_graph_shares_the_weights(tiny_bundle, tiny_cfg):
     b = OnnxRuntimeRunner(tiny_bundle / "decoder_last.onnx").infer(feeds)["logits"]
     assert a.shape == (1, 4, tiny_cfg.vocab_size) and b.shape == (1, 1, tiny_cfg.vocab_size)
     assert np.allclose(a[:, -1:], b, atol=1e-5)
+
+
+def test_a_larger_tokenizer_than_the_model_is_refused(tmp_path, tiny_hf, tiny_cfg):
+    import dataclasses
+
+    from cpm_deploy.exporter import ConfigError
+    from cpm_deploy.exporter.checkpoint_tools import write_random_checkpoint
+
+    small = dataclasses.replace(tiny_cfg, vocab_size=100)
+    write_random_checkpoint(small, tmp_path / "ck", tokenizer=tiny_hf / "spiece.model")
+    with pytest.raises(ConfigError, match="not this model's tokenizer"):
+        export_bundle(tmp_path / "ck", tmp_path / "b")
+    assert not (tmp_path / "b").exists()

@@ -5,7 +5,7 @@ import pytest
 
 from cpm_deploy.exporter import load_checkpoint
 from cpm_deploy.exporter.model import greedy_generate
-from cpm_deploy.runtime import CPMGenerator, GenerationError
+from cpm_deploy.runtime import CPMGenerator, GenerationError, SamplingConfig
 
 PROMPTS = ["清华大学", "今天天气很好，我们", "中国足球队在比赛中", "股市"]
 
@@ -73,12 +73,55 @@ def test_stream_joins_to_the_call(trained_generator):
     assert "中国足球队在比赛中" + text == trained_generator("中国足球队在比赛中", max_new_tokens=20)[0]["generated_text"]
 
 
-def test_repetition_penalty_changes_greedy_output(trained_generator):
-    plain = trained_generator.generate_ids(["股市"], max_new_tokens=30)[0]
-    penalised = trained_generator.generate_ids(["股市"], max_new_tokens=30, repetition_penalty=5.0)[0]
-    assert penalised != plain
-    body = [t for t in penalised if t != trained_generator.eod_id]
-    assert len(set(body)) >= len(body) - 2
+class ScriptedDecoder:
+    """Same logits at every step: token 20 best, 21 second, 22 third; the rest far below."""
+
+    kind = "scripted"
+
+    def __init__(self, vocab=40):
+        self.logits = np.full((1, vocab), -5.0, np.float32)
+        self.logits[0, [20, 21, 22]] = [3.0, 2.0, 1.0]
+
+    def prefill(self, rows, capacity, pad_id=0):
+        return np.repeat(self.logits, len(rows), 0), None
+
+    def step(self, state, tokens):
+        return np.repeat(self.logits, len(tokens), 0)
+
+
+def scripted(trained_generator, vocab=40):
+    gen = CPMGenerator(ScriptedDecoder(vocab), trained_generator.tokenizer,
+                       dict(trained_generator.config, vocab_size=vocab))
+    gen.eod_id = -1
+    return gen
+
+
+def test_repetition_penalty_uses_prompt_and_generated_tokens(trained_generator):
+    gen = scripted(trained_generator)
+    assert gen.iter_ids([[1, 2]], 3, 1, SamplingConfig()).__next__() == [[20]]
+    out = list(gen.iter_ids([[1, 2]], 3, 1, SamplingConfig(repetition_penalty=2.0)))[-1]
+    # step 2: 20 is seen, 3/2 < 2 so 21; step 3: 20 (1.5) beats 21 (2/2) and 22 (1): the penalty is
+    # applied once per seen token, not compounded, as transformers does
+    assert out == [[20, 21, 20]]
+    out = list(gen.iter_ids([[20, 2]], 1, 1, SamplingConfig(repetition_penalty=2.0)))[-1]
+    assert out == [[21]]  # a prompt token counts as seen
+
+
+def test_sampled_rows_are_independent_and_seeded(trained_generator):
+    gen = scripted(trained_generator)
+    gen.decoder.logits[:] = 0.0  # flat: every row should wander on its own
+    cfg = SamplingConfig(do_sample=True, seed=0)
+    rows = list(gen.iter_ids([[1]], 12, 4, cfg))[-1]
+    assert len({tuple(r) for r in rows}) == 4
+    assert rows == list(gen.iter_ids([[1]], 12, 4, cfg))[-1]
+
+
+def test_ids_past_the_tokenizer_are_never_generated(trained_generator):
+    """A model vocabulary padded beyond the tokenizer's: those ids cannot be decoded, so never chosen."""
+    vocab = trained_generator.tokenizer.vocab_size + 10
+    gen = scripted(trained_generator, vocab)
+    gen.decoder.logits[0, vocab - 5] = 100.0
+    assert list(gen.iter_ids([[1]], 2, 1, SamplingConfig()))[-1] == [[20, 20]]
 
 
 def test_length_limits(trained_generator):
@@ -104,10 +147,10 @@ def test_max_length_beyond_1024_positions_refused(tiny_bundle):
         gen("清华大学", max_length=1025)
 
 
-def test_sampled_batch_rows_are_independent(trained_generator):
-    ids = trained_generator.generate_ids(["股市"], max_new_tokens=12, do_sample=True, num_return_sequences=4, seed=0)
-    assert len({tuple(r) for r in ids}) > 1
-    assert np.all([len(r) >= 1 for r in ids])
+def test_sampling_on_the_trained_model_is_reproducible(trained_generator):
+    a = trained_generator.generate_ids(["股市"], max_new_tokens=12, do_sample=True, num_return_sequences=4, seed=0)
+    assert a == trained_generator.generate_ids(["股市"], max_new_tokens=12, do_sample=True, num_return_sequences=4, seed=0)
+    assert all(len(r) >= 1 for r in a)
 
 
 def test_generation_needs_no_torch_or_onnx(trained_bundle):

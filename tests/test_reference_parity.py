@@ -51,7 +51,7 @@ def test_loads_checkpoints_saved_by_transformers(tmp_path, hf_model, weights):
         hf_model.config.save_pretrained(out)
         torch.save(hf_model.state_dict(), out / "pytorch_model.bin")
     else:
-        hf_model.save_pretrained(out, **({"max_shard_size": "3MB"} if weights == "sharded" else {}))
+        hf_model.save_pretrained(out, **({"max_shard_size": "100KB"} if weights == "sharded" else {}))
     if weights == "sharded":
         assert (out / "model.safetensors.index.json").is_file()
     model = load_checkpoint(out).model
