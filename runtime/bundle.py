@@ -79,9 +79,6 @@ class Bundle:
             raise BundleError(f"the manifest's default graph {name!r} is not among its graphs")
         return name
 
-    def graph_path(self, variant: str = "decoder") -> Path:
-        return self.path / self.graph(variant)["file"]
-
     @property
     def tokenizer_path(self) -> Path | None:
         tok = self.manifest.get("tokenizer")

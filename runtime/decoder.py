@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .padding import left_pad
 from .session import create_session
 
 
@@ -31,7 +32,6 @@ class _OrtDecoder:
         types = {i.name: i.type for i in self.session.get_inputs()}
         self.dtype = np.float16 if types[self.past_names[0]] == "tensor(float16)" else np.float32
         self.present_names = [f"present.{i}.{k}" for i in range(self.n_layer) for k in ("key", "value")]
-        self.input_names = {i.name for i in self.session.get_inputs()}
 
     def _kv(self, batch: int, length: int) -> list:
         """One buffer per layer and kind, owned by onnxruntime on the session's device.
@@ -70,12 +70,7 @@ class ConcatKVDecoder(_OrtDecoder):
     kind = "concat"
 
     def prefill(self, rows: list[list[int]], capacity: int, pad_id: int = 0) -> tuple[np.ndarray, ConcatState]:
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), pad_id, np.int64)
-        mask = np.zeros((len(rows), width), np.int64)
-        for b, r in enumerate(rows):
-            ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
-        pos = np.maximum(mask.cumsum(-1) - 1, 0)  # positions count real tokens only
+        ids, mask, pos = left_pad(rows, pad_id)
         logits, past = self._run({"input_ids": ids, "attention_mask": mask, "position_ids": pos},
                                  self._kv(len(rows), 0), shared=False)
         return logits, ConcatState(mask, pos[:, -1:], past)

@@ -73,16 +73,16 @@ class SharedKVRunner:
 
         self.ort = ort
         self.session = create_session(path, provider, threads, optimize)
+        self.input_types = {i.name: _np_type(i.type) for i in self.session.get_inputs()}
 
     def infer(self, feeds: dict[str, np.ndarray], past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         binding = self.session.io_binding()
-        types = {i.name: _np_type(i.type) for i in self.session.get_inputs()}
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
         out = {}
         for name, buf in past.items():
-            buf = buf.astype(types[name], copy=False)
+            buf = buf.astype(self.input_types[name], copy=False)
             value = self.ort.OrtValue.ortvalue_from_numpy(buf)  # shares buf's memory on the CPU
             binding.bind_ortvalue_input(name, value)
             present = name.replace("past_key_values.", "present.")

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..optimize.tensorrt.versions import check_runtime
 from .cuda import check, cudart, device, import_tensorrt
+from .padding import left_pad
 
 
 class EngineError(RuntimeError):
@@ -100,11 +101,7 @@ class TensorRTDecoder:
             raise EngineError(f"request (batch {len(rows)}, prompt {width}, total {capacity}) exceeds the engine's "
                               f"profiles (batch {self.max_batch}, prompt {self.max_prompt}, total {self.max_total}); "
                               "rebuild with larger --max-* limits")
-        ids = np.full((len(rows), width), pad_id, np.int64)
-        mask = np.zeros((len(rows), width), np.int64)
-        for b, r in enumerate(rows):
-            ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
-        pos = np.maximum(mask.cumsum(-1) - 1, 0)
+        ids, mask, pos = left_pad(rows, pad_id)
         state = TrtState(mask, pos[:, -1:], 0, 0, len(rows))
         logits = self._run(0, ids, mask, pos, state, 0, 1)
         state.current, state.past_len = 1, width

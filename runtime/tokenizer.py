@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .padding import left_pad
+
 log = logging.getLogger("cpm_deploy")
 
 SPACE, NEWLINE = "\u2582", "\u2583"
@@ -99,13 +101,7 @@ class CPMTokenizer:
 
     def pad_left(self, batch: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded ids [B, S] and attention_mask [B, S] (int64)."""
-        width = max(len(ids) for ids in batch)
-        ids = np.full((len(batch), width), self.pad_id, np.int64)
-        mask = np.zeros((len(batch), width), np.int64)
-        for row, seq in enumerate(batch):
-            if seq:
-                ids[row, width - len(seq):] = seq
-                mask[row, width - len(seq):] = 1
+        ids, mask, _ = left_pad(batch, self.pad_id)
         return ids, mask
 
 

@@ -1,0 +1,19 @@
+"""Left padding for graphs with an attention mask: rows end together at the last column."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids, attention_mask and position_ids, each [B, S] int64. Positions count real tokens only,
+    so a padded row sees the same positions as it would alone."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for b, r in enumerate(rows):
+        if len(r):
+            ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    return ids, mask, np.maximum(mask.cumsum(-1) - 1, 0)
