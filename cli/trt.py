@@ -9,6 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from ..runtime.bundle import GENERATION_GRAPH
 from .common import stage_progress, user_errors
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -27,7 +28,7 @@ def main():
 @main.command(context_settings=CONTEXT)
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--tensorrt", "version", default="10.4.0", show_default=True, help="TensorRT release to check against.")
-@click.option("-g", "--graph", default="decoder_last.onnx", show_default=True, help="Graph file in the bundle.")
+@click.option("-g", "--graph", default=GENERATION_GRAPH, show_default=True, help="Graph file in the bundle.")
 def preflight(bundle, version, graph):
     """Check, without a GPU, that TensorRT's ONNX parser will take the bundle's graph.
 

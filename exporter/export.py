@@ -15,7 +15,7 @@ import onnx
 
 from .. import __version__
 from ..optimize import variants
-from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from ..runtime.bundle import BASE_DATA, FORMAT, FORMAT_VERSION, FULL_GRAPH, GENERATION_GRAPH, MANIFEST, sha256_file
 from ..runtime.session import OnnxRuntimeRunner, SharedKVRunner
 from .config import ConfigError
 from .external_data import ExternalDataWriter
@@ -26,10 +26,8 @@ from .verify import CASES, reference, run_parity
 
 SHARED_KV_CAPACITY = 32  # >= the longest verification case (past 9 + 17)
 
-GRAPH_FILE = "decoder.onnx"
-DATA_FILE = "decoder.onnx.data"
 # (manifest key, file, last_logits_only): the HF-contract graph, and the one generation uses
-GRAPHS = (("decoder", GRAPH_FILE, False), ("decoder_last", "decoder_last.onnx", True))
+GRAPHS = (("decoder", FULL_GRAPH, False), ("decoder_last", GENERATION_GRAPH, True))
 
 # stage name, done, total
 ProgressFn = Callable[[str, int, int], None]
@@ -124,7 +122,7 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
             "fp16_ranges": {"file": "fp16_ranges.json", "flagged": len(ranges["flagged"])} if ranges else None,
             "timings_s": {"load": round(t_load - t0, 2), "export": round(t_export - t_load, 2),
                           "verify": round(t_verify - t_export, 2), "variants": round(t_variants - t_verify, 2)},
-            "files": {p.name: {"bytes": p.stat().st_size, "sha256": data_sha if p.name == DATA_FILE else sha256_file(p)}
+            "files": {p.name: {"bytes": p.stat().st_size, "sha256": data_sha if p.name == BASE_DATA else sha256_file(p)}
                       for p in sorted(tmp.iterdir())},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
@@ -134,7 +132,7 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
 def _write_base_graphs(folder: Path, ckpt, opset: int, step) -> tuple[dict, str]:
     """Both standard graphs; the weights stream once into the data file the two share."""
     cfg = ckpt.config
-    writer = ExternalDataWriter(folder / DATA_FILE)
+    writer = ExternalDataWriter(folder / BASE_DATA)
     params = dict(ckpt.model.state_dict())
     graphs = {}
     for key, file, last_only in GRAPHS:  # the second graph reuses the data already written
@@ -142,7 +140,7 @@ def _write_base_graphs(folder: Path, ckpt, opset: int, step) -> tuple[dict, str]
                               on_layer=lambda i: step("export", i + 1, cfg.n_layer), last_logits_only=last_only)
         onnx.save(model, folder / file)
         onnx.checker.check_model(str(folder / file))  # by path: external data is found, not loaded
-        graphs[key] = {"file": file, "data": DATA_FILE, "precision": "fp32", "opset": opset,
+        graphs[key] = {"file": file, "data": BASE_DATA, "precision": "fp32", "opset": opset,
                        "logits": "last" if last_only else "all", "io": _io_description(cfg, last_only),
                        "nodes": nodes_per_layer(model)}
     return graphs, writer.close()
@@ -227,7 +225,7 @@ def _fp16_ranges(folder: Path, expected, tokenizer: Path, step) -> dict:
         feeds.append({"input_ids": ids, "attention_mask": np.ones_like(ids),
                       "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None], **empty})
     step("fp16 range report", 0, 1)
-    report = range_report(folder / GRAPH_FILE, feeds + [e.feeds for e in expected])
+    report = range_report(folder / FULL_GRAPH, feeds + [e.feeds for e in expected])
     (folder / "fp16_ranges.json").write_text(json.dumps(report, indent=2) + "\n")
     step("fp16 range report", 1, 1)
     return report

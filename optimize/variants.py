@@ -18,12 +18,12 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from ..runtime.bundle import BASE_DATA, GENERATION_GRAPH
 from .fuse import fuse_for_ort
 from .fusions import tied_head_matmul
 from .precision import to_fp16
 from .quantize import quantize_matmuls
 
-BASE = "decoder_last.onnx"
 TARGETS = {"cpu": ("fp32", "int8", "int4"), "cuda": ("fp32", "fp16"), "trt": ("fp32", "fp16")}
 # Verification gates against the fp32 PyTorch reference. fp32 is held elementwise; reduced
 # precisions by the mean KL divergence of their next-token distributions (top-1 agreement is
@@ -73,18 +73,18 @@ def build(folder: Path, target: str, precision: str, n_layer: int) -> Variant:
     file = f"decoder_{target}_{precision}.onnx"
     data = f"{file}.data"
     if target == "trt" and precision == "fp32":
-        model = onnx.load(str(folder / BASE), load_external_data=False)
-        return Variant(name, target, precision, BASE, "decoder.onnx.data", "concat", {}, _ops(model))
+        model = onnx.load(str(folder / GENERATION_GRAPH), load_external_data=False)
+        return Variant(name, target, precision, GENERATION_GRAPH, BASE_DATA, "concat", {}, _ops(model))
     if target == "trt":
-        model = to_fp16(onnx.load(str(folder / BASE)))
+        model = to_fp16(onnx.load(str(folder / GENERATION_GRAPH)))
         _save(model, folder / file, data)
         return Variant(name, target, precision, file, data, "concat", {}, _ops(model))
 
-    fused = ir.load(str(folder / BASE))
+    fused = ir.load(str(folder / GENERATION_GRAPH))
     counts = fuse_for_ort(fused, n_layer)
     if precision == "fp32":  # weights unchanged: keep pointing at the base data file
         ir.save(fused, str(folder / file))
-        return Variant(name, target, precision, file, "decoder.onnx.data", "shared", counts, _ops(ir.to_proto(fused)))
+        return Variant(name, target, precision, file, BASE_DATA, "shared", counts, _ops(ir.to_proto(fused)))
     if precision in ("int8", "int4"):
         counts["tied_head_matmul"] = tied_head_matmul.rules.apply_to_model(fused)
         proto = _with_data(fused, folder)

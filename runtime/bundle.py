@@ -10,6 +10,11 @@ from pathlib import Path
 FORMAT = "cpm-deploy-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# The standard graphs every bundle holds, and the one data file they share (the exporter writes
+# them; optimize builds variants and TensorRT engines from them).
+FULL_GRAPH = "decoder.onnx"  # HF contract: logits for every position
+GENERATION_GRAPH = "decoder_last.onnx"  # logits for the last position only
+BASE_DATA = "decoder.onnx.data"
 
 
 class BundleError(ValueError):
