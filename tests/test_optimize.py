@@ -139,14 +139,14 @@ def test_range_report_flags_large_activations(tmp_path, tiny_hf, tiny_cfg):
 
     from safetensors.torch import load_file, save_file
 
-    from cpm_deploy.exporter import export_bundle
+    from cpm_deploy.exporter import ExportOptions, export_bundle
 
     ck = tmp_path / "loud"
     shutil.copytree(tiny_hf, ck)
     sd = load_file(ck / "model.safetensors")
     sd["transformer.h.1.mlp.c_fc.weight"] *= 3000
     save_file(sd, ck / "model.safetensors")
-    export_bundle(ck, tmp_path / "b", __import__("cpm_deploy.exporter", fromlist=["ExportOptions"]).ExportOptions(variants=()))
+    export_bundle(ck, tmp_path / "b", ExportOptions(variants=()))
     cases = [reference(load_checkpoint(ck).model, c) for c in CASES[:2]]
     report = range_report(tmp_path / "b" / "decoder.onnx", [c.feeds for c in cases])
     assert report["flagged"], report["largest"]

@@ -1,6 +1,7 @@
 """CPMTokenizer against CPM-Generate's own algorithm, on real headlines and the real vocabulary."""
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -123,7 +124,7 @@ def test_default_install_is_torch_free():
 
 def test_jieba_cache_goes_to_the_user_cache(tmp_path, vocab_file):
     code = f"import cpm_deploy.runtime as r; r.CPMTokenizer({str(vocab_file)!r}).encode('清华')"
-    env = dict(__import__("os").environ, XDG_CACHE_HOME=str(tmp_path))
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert list((tmp_path / "cpm-deploy").glob("jieba*.cache"))
