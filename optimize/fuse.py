@@ -36,11 +36,10 @@ def fuse_for_ort(model: ir.Model, n_layer: int) -> dict[str, int]:
     _require(counts, {"fast_gelu": n_layer, "fast_gelu_bias": n_layer, "skip_layer_norm": 2 * n_layer,
                       "attention_to_gqa": n_layer, "last_valid_logits": 1})
     RemoveUnusedNodesPass()(model)  # the attention_mask subgraph is dead now
-    shared_kv.finish(model)
-    RemoveUnusedNodesPass()(model)
     for name, value in list(model.graph.initializers.items()):  # constants of the replaced subgraphs
         if not value.uses() and not value.is_graph_output():
             del model.graph.initializers[name]
+    shared_kv.finish(model)
     RemoveUnusedOpsetsPass()(model)
     model.opset_imports.setdefault("com.microsoft", 1)
     return counts
