@@ -53,7 +53,7 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
     """
     setup_logging()
     from ..runtime import BundleError, CPMGenerator, GenerationError, ProviderError, SamplingConfig
-    from ..optimize.tensorrt.versions import TensorRTVersionError
+    from ..runtime.tensorrt_versions import TensorRTVersionError
     from ..runtime.cuda import CudaUnavailable
     from ..runtime.tensorrt_decoder import EngineError
 

@@ -91,7 +91,7 @@ def build(bundle, max_batch, max_prompt, max_total, workspace, cc, dry_run, as_j
     """
     from ..optimize.tensorrt.build import BuildError, build_into_bundle
     from ..optimize.tensorrt.plan import PlanError, make_plan
-    from ..optimize.tensorrt.versions import TensorRTVersionError
+    from ..runtime.tensorrt_versions import TensorRTVersionError
     from ..runtime.bundle import Bundle, BundleError
     from ..runtime.cuda import CudaUnavailable
 

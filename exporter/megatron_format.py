@@ -25,8 +25,26 @@ log = logging.getLogger("cpm_deploy")
 
 ITERATION_FILE = "latest_checkpointed_iteration.txt"
 PARTITION_RE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
-# Non-tensor objects the original training code pickles next to the weights. Nothing else is allowed.
-SAFE_GLOBALS = [argparse.Namespace]
+
+
+def _safe_globals() -> list:
+    """What the training code pickles next to the weights, as (object, name in the pickle).
+
+    Megatron/DeepSpeed save args (a Namespace), RNG states (numpy arrays, dtypes and scalars;
+    Python tuples; torch tensors), scheduler dicts and DeepSpeed counters. Only globals that
+    rebuild data are admitted: no object dtype, nothing that can call arbitrary code. The
+    checkpoints of 2020 were written by numpy 1.x (``numpy.core``), newer ones by numpy 2
+    (``numpy._core``): both spellings map to the same functions.
+    """
+    import numpy as np
+
+    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    dtypes = {cls for name in dir(np.dtypes) if isinstance(cls := getattr(np.dtypes, name), type)
+              and issubclass(cls, np.dtype) and name != "ObjectDType"}
+    named = [(getattr(core, fn), f"{mod}.multiarray.{fn}") for fn in ("_reconstruct", "scalar")
+             for mod in ("numpy.core", "numpy._core")]
+    plain = [argparse.Namespace, np.ndarray, np.dtype, *sorted(dtypes, key=lambda c: c.__name__)]
+    return [(g, f"{g.__module__}.{g.__qualname__}") for g in plain] + named
 
 
 def is_megatron_folder(folder: Path) -> bool:
@@ -59,21 +77,22 @@ def partition_files(folder: Path) -> list[Path]:
 
 def load_partition(path: Path) -> dict:
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001
         unsafe = _unsafe_globals(path)
         if unsafe:
             raise CheckpointError(
-                f"{path.name} pickles objects outside the allowlist ({', '.join(unsafe)}); "
-                "cpm-deploy loads weights only and will not run code from a checkpoint"
+                f"{path.name} pickles objects outside the allowlist ({', '.join(unsafe)}); cpm-deploy "
+                "admits only data (tensors, numpy arrays, RNG and scheduler state) and will not run code "
+                "from a checkpoint"
             ) from None
         raise CheckpointError(f"cannot read {path.name}: {e}") from None
 
 
 def _unsafe_globals(path: Path) -> list[str]:
     try:
-        allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+        allowed = {name for _, name in _safe_globals()}
         return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in allowed]
     except Exception:  # noqa: BLE001 - best effort, only to improve the message
         return []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..optimize.tensorrt.versions import check_runtime
+from .tensorrt_versions import check_runtime
 from .cuda import check, cudart, device, import_tensorrt
 from .padding import left_pad
 

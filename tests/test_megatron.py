@@ -7,6 +7,11 @@ layout, not just the round trip, is right, bias order included.
 
 import argparse
 import math
+import pickle
+import random
+import types
+
+import numpy as np
 
 import pytest
 import torch
@@ -49,14 +54,53 @@ def split_to_megatron(model, n: int) -> list[dict]:
     return parts
 
 
-def save_megatron(folder, parts, n_heads, iteration="1000"):
+def training_state(n_parts: int, n_heads: int, iteration: int) -> dict:
+    """What Megatron's save_checkpoint hands DeepSpeed as client state, plus DeepSpeed's own fields."""
+    return {
+        "iteration": iteration,
+        "args": argparse.Namespace(num_attention_heads=n_heads, model_parallel_size=n_parts, hidden_size=0,
+                                   lr=1.5e-4, fp16=True, deepspeed_config="ds_config.json"),
+        "random_rng_state": random.getstate(),  # tuples of ints
+        "np_rng_state": np.random.get_state(),  # ('MT19937', uint32 array, int, int, float)
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.get_rng_state(),
+        "rng_tracker_states": {"model-parallel-rng": torch.get_rng_state()},
+        "optimizer": None,
+        "lr_scheduler": {"start_lr": 1.5e-4, "warmup_iter": 3200, "num_iters": iteration, "decay_style": "cosine",
+                         "end_iter": 320000, "min_lr": np.float64(1e-5)},
+        "buffer_names": [],
+        "csr_tensor_module_names": set(),
+        "skipped_steps": 3,
+        "global_steps": iteration,
+        "global_samples": iteration * 8,
+        "dp_world_size": 4,
+        "mp_world_size": n_parts,
+        "ds_config": {"train_micro_batch_size_per_gpu": 2, "fp16": {"enabled": True}},
+        "ds_version": "0.3.0",
+    }
+
+
+class Numpy1Pickler(pickle._Pickler):
+    """Spells numpy's globals as numpy 1.x did (numpy.core.*), as the 2020 checkpoints have them."""
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", "") or ""
+        if not module.startswith("numpy._core"):
+            return super().save_global(obj, name)
+        module = module.replace("numpy._core", "numpy.core")
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+
+def save_megatron(folder, parts, n_heads, iteration="1000", numpy1=False):
+    """Partitions as the training code wrote them: weights under 'module' beside the training state."""
     folder.mkdir(parents=True)
     (folder / "latest_checkpointed_iteration.txt").write_text(iteration)
     (folder / iteration).mkdir()
-    args = argparse.Namespace(num_attention_heads=n_heads, model_parallel_size=len(parts), hidden_size=0)
+    pickler = {"pickle_module": types.SimpleNamespace(Pickler=Numpy1Pickler, __name__="pickle")} if numpy1 else {}
     for r, p in enumerate(parts):
-        torch.save({"module": p, "args": args, "iteration": int(iteration), "mp_world_size": len(parts)},
-                   folder / iteration / f"mp_rank_{r:02d}_model_states.pt")
+        torch.save({"module": p, **training_state(len(parts), n_heads, int(iteration))},
+                   folder / iteration / f"mp_rank_{r:02d}_model_states.pt", **pickler)
     return folder
 
 
@@ -158,6 +202,22 @@ def test_unknown_pickled_objects_are_refused(tmp_path, parts):
     torch.save({"module": parts[0], "extra": Sneaky()}, folder / "5" / "mp_rank_00_model_states.pt")
     with pytest.raises(CheckpointError, match="Sneaky"):
         load_checkpoint(folder)
+
+
+def test_numpy1_training_state_loads_and_object_arrays_do_not(tmp_path, parts, tiny_model):
+    folder = save_megatron(tmp_path / "old", parts, tiny_model.config.n_head, numpy1=True)
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(folder / "1000" / "mp_rank_00_model_states.pt"))
+    assert "numpy.core.multiarray._reconstruct" in names  # really the numpy 1.x spelling
+    ckpt = load_checkpoint(folder)
+    assert all(torch.equal(v, ckpt.model.state_dict()[k]) for k, v in tiny_model.state_dict().items())
+
+    hostile = tmp_path / "objarray"
+    save_megatron(hostile, parts, tiny_model.config.n_head)
+    obj = torch.load(hostile / "1000" / "mp_rank_00_model_states.pt", weights_only=False)
+    obj["np_rng_state"] = np.array([print, "x"], dtype=object)  # data dtype 'O' carries arbitrary objects
+    torch.save(obj, hostile / "1000" / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="ObjectDType|builtins.print"):
+        load_checkpoint(hostile)
 
 
 def test_convert_cli_writes_a_folder_transformers_loads(megatron_dir, tmp_path, tiny_model):

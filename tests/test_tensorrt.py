@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import fake_tensorrt
 from cpm_deploy.cli.trt import main as trt_cli
-from cpm_deploy.optimize.tensorrt import versions
+from cpm_deploy.runtime import tensorrt_versions as versions
 from cpm_deploy.optimize.tensorrt.build import BuildError, build_into_bundle
 from cpm_deploy.optimize.tensorrt.plan import PlanError, check_profile, make_plan
 from cpm_deploy.optimize.tensorrt.preflight import preflight

@@ -138,5 +138,7 @@ def test_every_package_folder_is_installed():
 
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {"cpm_deploy"} | {"cpm_deploy." + ".".join(p.parent.relative_to(ROOT).parts)
-                              for p in ROOT.glob("*/**/__init__.py") if p.parent.name not in ("tests", "benchmarks")}
+                              for p in ROOT.glob("*/**/__init__.py")
+                                  if not p.relative_to(ROOT).parts[0].startswith(".")  # a .venv inside the clone
+                                  and p.parent.name not in ("tests", "benchmarks")}
     assert found <= listed, found - listed

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ...runtime.cuda import device, import_tensorrt
 from .plan import BuildPlan
-from .versions import check_build, parse
+from ...runtime.tensorrt_versions import check_build, parse
 
 
 class BuildError(RuntimeError):

@@ -1,4 +1,7 @@
-"""Which TensorRT release can do what: the Volta guard, opset limits, the FP16 builder flag."""
+"""Which TensorRT release can do what: the Volta guard, opset limits, the FP16 builder flag.
+
+On the runtime side: the engine runtime checks an engine against them, and the builder in
+optimize/tensorrt applies them before a build."""
 
 from __future__ import annotations
 
