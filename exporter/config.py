@@ -7,6 +7,11 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..runtime.manifest import first_problem
 
 log = logging.getLogger("cpm_deploy")
 
@@ -64,6 +69,12 @@ class CPMConfig:
     @classmethod
     def from_hf_config(cls, d: dict) -> "CPMConfig":
         """Read a GPT2Config dict, refusing what this architecture does not implement."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json holds {type(d).__name__}, not an object")
+        try:
+            d = {**d, **_HFFields.model_validate(d).model_dump(exclude_unset=True)}
+        except ValidationError as e:
+            raise ConfigError(f"config.json {first_problem(e)}") from None
         act = d.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ConfigError(f"activation_function {act!r} is not CPM's tanh GELU (gelu_new)")
@@ -83,7 +94,7 @@ class CPMConfig:
             n_embd=n_embd,
             n_head=d.get("n_head", 12),
             vocab_size=d.get("vocab_size", 30000),
-            n_positions=d.get("n_positions", d.get("n_ctx", 1024)),
+            n_positions=d.get("n_positions") or d.get("n_ctx") or 1024,
             layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
         )
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -128,6 +139,29 @@ class CPMConfig:
             raise ConfigError(f"{path} not found: a Hugging Face folder needs its config.json") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+class _HFFields(BaseModel):
+    """The config.json fields read above, with their JSON types (a string where a number belongs
+    is named, not coerced); any other field passes through."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    n_layer: Annotated[int, Field(gt=0)] = 12
+    n_embd: Annotated[int, Field(gt=0)] = 768
+    n_head: Annotated[int, Field(gt=0)] = 12
+    vocab_size: Annotated[int, Field(gt=0)] = 30000
+    n_positions: Annotated[int, Field(gt=0)] | None = None
+    n_ctx: Annotated[int, Field(gt=0)] | None = None
+    n_inner: int | None = None
+    layer_norm_epsilon: Annotated[float, Field(gt=0)] = 1e-5
+    activation_function: str = "gelu_new"
+    bos_token_id: int | list[int] | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
 
 
 PRESETS: dict[str, CPMConfig] = {

@@ -33,9 +33,14 @@ def find_weights(folder: Path) -> Path:
 def _shard_files(index_file: Path) -> list[Path]:
     try:
         weight_map = json.loads(index_file.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{index_file} is not a valid shard index ({e})") from None
-    shards = sorted({index_file.parent / name for name in weight_map.values()})
+        names = set(weight_map.values())
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index_file} is not a valid shard index ({type(e).__name__}: {e})") from None
+    root = index_file.parent.resolve()
+    for name in sorted(names, key=str):
+        if not isinstance(name, str) or not (root / name).resolve().is_relative_to(root):
+            raise CheckpointError(f"{index_file.name} names the shard {name!r}, which is not a file inside {index_file.parent}")
+    shards = sorted({index_file.parent / name for name in names})
     missing = [s.name for s in shards if not s.is_file()]
     if missing:
         raise CheckpointError(f"{index_file.name} names shards that are missing: {', '.join(missing)}")

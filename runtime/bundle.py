@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT = "cpm-deploy-bundle"
-FORMAT_VERSION = 1
+from pydantic import ValidationError
+
+from .manifest import FORMAT, FORMAT_VERSION, Manifest, first_problem
+from .onnx_external import OnnxFormatError, external_data_locations
+from .verified import sha256_file, verify_files
+
 MANIFEST = "manifest.json"
 # The standard graphs every bundle holds, and the one data file they share (the exporter writes
 # them; optimize builds variants and TensorRT engines from them).
@@ -18,15 +21,10 @@ BASE_DATA = "decoder.onnx.data"
 
 
 class BundleError(ValueError):
-    """A bundle that is missing, corrupt or of another format (one clear message)."""
+    """A bundle that is missing, corrupt, unsafe or of another format (one clear message)."""
 
 
-def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -36,41 +34,104 @@ class Bundle:
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True) -> "Bundle":
+        """Read and check the manifest: schema, every named path inside the folder, sizes.
+
+        ``verify`` also checks the sha256 of every file (recorded, so an unchanged file is not
+        hashed again); generation verifies only the files of the graph it runs (``verify_graph``).
+        """
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"{path} is not a bundle folder (no such directory)")
+        manifest_file = path / MANIFEST
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
+            if manifest_file.stat().st_size > MAX_MANIFEST_BYTES:
+                raise BundleError(f"{manifest_file} is over {MAX_MANIFEST_BYTES >> 20} MB: not a manifest")
+            text = manifest_file.read_text(encoding="utf-8")
+            manifest = json.loads(text)
         except FileNotFoundError:
             raise BundleError(f"{path} has no {MANIFEST}; is it a cpm-export bundle?") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{path / MANIFEST} is corrupt: {e}") from None
+            raise BundleError(f"{manifest_file} is corrupt: {e}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise BundleError(f"{path / MANIFEST} is not a {FORMAT} manifest")
+            raise BundleError(f"{manifest_file} is not a {FORMAT} manifest")
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise BundleError(f"bundle format version {manifest.get('format_version')} is not supported "
+            raise BundleError(f"bundle format version {manifest.get('format_version')!r} is not supported "
                               f"(this cpm-deploy reads version {FORMAT_VERSION}); re-export it")
+        try:
+            Manifest.model_validate_json(text)
+        except ValidationError as e:
+            raise BundleError(f"{manifest_file}: {first_problem(e)}") from None
         bundle = cls(path, manifest)
-        bundle.check_files(full=verify)
+        bundle._check_references()
+        bundle._check_files()
+        if verify:
+            bundle.verify(list(manifest["files"]))
         return bundle
 
-    def check_files(self, full: bool = True) -> None:
-        """Every listed file exists with its size; with full, its sha256 too."""
-        for name, info in self.manifest.get("files", {}).items():
-            f = self.path / name
+    def _check_references(self) -> None:
+        """Every file a graph, the tokenizer or an engine names is listed (and so checked)."""
+        m, listed = self.manifest, self.manifest["files"]
+        named = [(f"graphs.{k}.{f}", g.get(f)) for k, g in m["graphs"].items() for f in ("file", "data")]
+        named += [(f"tokenizer.{f}", (m.get("tokenizer") or {}).get(f)) for f in ("file", "vocab")]
+        named += [(f"engines.{k}.{f}", e.get(f)) for k, e in (m.get("engines") or {}).items()
+                  for f in ("file", "timing_cache")]
+        for field, name in named:
+            if name is not None and name not in listed:
+                raise BundleError(f"{self.path / MANIFEST}: field {field} names {name!r}, which is not among its files")
+        if m.get("default_graph") is not None and m["default_graph"] not in m["graphs"]:
+            raise BundleError(f"the manifest's default graph {m['default_graph']!r} is not among its graphs")
+
+    def resolve(self, name: str) -> Path:
+        """The path of a bundle file, refused if it (or a symlink on the way) leads out of the folder."""
+        root = self.path.resolve()
+        target = (self.path / name).resolve()
+        if not target.is_relative_to(root):
+            raise BundleError(f"bundle file {name} leads out of the bundle folder (to {target})")
+        return target
+
+    def _check_files(self) -> None:
+        """Every listed file is inside the folder, a regular file, with the manifest's size."""
+        for name, info in self.manifest["files"].items():
+            f = self.resolve(name)
             if not f.is_file():
                 raise BundleError(f"bundle file {name} is missing")
             if f.stat().st_size != info["bytes"]:
                 raise BundleError(f"bundle file {name} has {f.stat().st_size} bytes, the manifest says {info['bytes']}")
-            if full and sha256_file(f) != info["sha256"]:
-                raise BundleError(f"checksum mismatch for {name}: the file is corrupt or was modified")
+
+    def verify(self, names: list[str]) -> list[str]:
+        """Check the sha256 of the named files; returns those that had to be hashed (not recorded)."""
+        files = {self.resolve(n): self.manifest["files"][n]["sha256"] for n in dict.fromkeys(names)}
+
+        def mismatch(path: Path):
+            raise BundleError(f"checksum mismatch for {path.relative_to(self.path.resolve())}: "
+                              "the file is corrupt or was modified")
+
+        return [str(p.relative_to(self.path.resolve())) for p in verify_files(files, mismatch)]
+
+    def graph_files(self, variant: str) -> list[str]:
+        """The files running ``variant`` reads: graph, weights, tokenizer. The graph's own
+        external-data references are checked against the manifest here, before onnxruntime opens it."""
+        graph = self.graph(variant)
+        inside = self.resolve(graph["file"])
+        try:
+            locations = external_data_locations(inside)
+        except (OnnxFormatError, OSError) as e:
+            raise BundleError(f"{graph['file']} is not a readable ONNX graph: {e}") from None
+        for loc in sorted(locations):
+            if loc not in self.manifest["files"] or (inside.parent / loc).resolve() != self.resolve(loc):
+                raise BundleError(f"{graph['file']} reads its weights from {loc!r}, which is not a file of this bundle")
+        names = [graph["file"], *sorted(locations)]
+        return names + ([self.manifest["tokenizer"]["file"]] if self.manifest.get("tokenizer") else [])
+
+    def verify_graph(self, variant: str) -> list[str]:
+        return self.verify(self.graph_files(variant))
 
     @property
     def config(self) -> dict:
         return self.manifest["model"]
 
     def graph(self, variant: str = "decoder") -> dict:
-        graphs = self.manifest.get("graphs", {})
+        graphs = self.manifest["graphs"]
         if variant not in graphs:
             raise BundleError(f"bundle has no graph {variant!r}; it has {', '.join(graphs) or 'none'}")
         return graphs[variant]
@@ -78,16 +139,13 @@ class Bundle:
     @property
     def default_graph(self) -> str:
         """The graph generation uses unless told otherwise (the manifest's choice)."""
-        graphs = self.manifest.get("graphs", {})
-        name = self.manifest.get("default_graph") or ("decoder_last" if "decoder_last" in graphs else "decoder")
-        if name not in graphs:
-            raise BundleError(f"the manifest's default graph {name!r} is not among its graphs")
-        return name
+        graphs = self.manifest["graphs"]
+        return self.manifest.get("default_graph") or ("decoder_last" if "decoder_last" in graphs else next(iter(graphs)))
 
     @property
     def tokenizer_path(self) -> Path | None:
         tok = self.manifest.get("tokenizer")
-        return self.path / tok["file"] if tok else None
+        return self.resolve(tok["file"]) if tok else None
 
 
 def update_manifest(folder: str | Path, change) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 from .bundle import Bundle
 from .decoder import open_decoder
 from .sampling import SamplingConfig, next_tokens
-from .tokenizer import CPMTokenizer, StreamDecoder
+from .tokenizer import CPMTokenizer, StreamDecoder, TokenizerError
 
 DEFAULT_NEW_TOKENS = 50
 
@@ -44,19 +44,21 @@ class CPMGenerator:
 
         ``backend="tensorrt"`` runs the bundle's TensorRT engine built for this GPU instead.
         """
-        bundle = Bundle.open(path, verify=verify)
+        bundle = Bundle.open(path, verify=False)  # schema, paths and sizes; checksums below, for what runs
         if bundle.tokenizer_path is None:
             raise ValueError(f"bundle {path} ships no tokenizer model")
         if backend == "tensorrt":
-            decoder, name = _tensorrt_decoder(bundle)
-            gen = cls(decoder, CPMTokenizer(bundle.tokenizer_path), bundle.config)
-            gen.graph_name = name
-            return gen
-        if backend != "onnxruntime":
+            decoder, name = _tensorrt_decoder(bundle, verify)
+        elif backend == "onnxruntime":
+            name = variant or bundle.default_graph
+            graph = bundle.graph(name)
+            files = bundle.graph_files(name)  # where its weights come from is checked even unverified
+            if verify:
+                bundle.verify(files)
+            decoder = open_decoder(bundle.resolve(graph["file"]), bundle.config, graph.get("kv_cache", "concat"),
+                                   provider, threads)
+        else:
             raise ValueError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
-        name = variant or bundle.default_graph
-        graph = bundle.graph(name)
-        decoder = open_decoder(bundle.path / graph["file"], bundle.config, graph.get("kv_cache", "concat"), provider, threads)
         gen = cls(decoder, CPMTokenizer(bundle.tokenizer_path), bundle.config)
         gen.graph_name = name
         return gen
@@ -92,7 +94,10 @@ class CPMGenerator:
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise GenerationError("empty prompt")
-            prompts.append(self.tokenizer.encode(t))
+            try:
+                prompts.append(self.tokenizer.encode(t))
+            except TokenizerError as e:
+                raise GenerationError(str(e)) from None
         return self.check_lengths(prompts, max_length, max_new_tokens, truncate_prompt)
 
     def check_lengths(self, prompts: list[list[int]], max_length: int | None, max_new_tokens: int | None,
@@ -191,7 +196,7 @@ class CPMGenerator:
             yield visible[sent_chars:]
 
 
-def _tensorrt_decoder(bundle: Bundle):
+def _tensorrt_decoder(bundle: Bundle, verify: bool):
     from .cuda import device
     from .tensorrt_decoder import TensorRTDecoder
 
@@ -199,8 +204,11 @@ def _tensorrt_decoder(bundle: Bundle):
     if not engines:
         raise ValueError(f"bundle {bundle.path} has no TensorRT engine; build one on this GPU with `cpm-trt build`")
     cc = list(device()["compute_capability"])
-    name = next((k for k, e in engines.items() if e["compute_capability"] == cc), next(iter(engines)))
-    return TensorRTDecoder(bundle.path / engines[name]["file"], engines[name], bundle.config), name
+    name = next((k for k, e in engines.items() if list(e["compute_capability"]) == cc), next(iter(engines)))
+    file = engines[name]["file"]
+    if verify:
+        bundle.verify([file, bundle.manifest["tokenizer"]["file"]])
+    return TensorRTDecoder(bundle.resolve(file), engines[name], bundle.config), name
 
 
 def _as_tuple(sampling: dict) -> dict:

@@ -55,6 +55,10 @@ def _cache_dir() -> Path | None:
         return None  # read-only home: jieba falls back to the temp dir
 
 
+class TokenizerError(ValueError):
+    """Text the tokenizer cannot take (not valid Unicode)."""
+
+
 class CPMTokenizer:
     def __init__(self, model_file: str | Path):
         import sentencepiece as spm
@@ -86,6 +90,11 @@ class CPMTokenizer:
         return " ".join(word.translate(_TO_PIECES) for word in _segmenter().cut(text, cut_all=False))
 
     def encode(self, text: str) -> list[int]:
+        try:
+            text.encode("utf-8")  # sentencepiece's C++ side raises a bare RuntimeError on lone surrogates
+        except UnicodeEncodeError as e:
+            raise TokenizerError(f"the text is not valid Unicode: {e.object[e.start:e.end]!a} at position {e.start} "
+                                 "(a lone surrogate)") from None
         if "\n" in text and not self.supports_newline and not self._warned_newline:
             self._warned_newline = True
             log.warning("this chinese_vocab.model is the release before 2020-11-22 (no newline piece): "
