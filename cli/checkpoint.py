@@ -21,7 +21,8 @@ def main():
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("-s", "--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same weights).")
 @click.option("-t", "--tokenizer", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              help="sentencepiece model to put in the folder as spiece.model (vocab.json beside it comes too).")
+              help="sentencepiece model to put in the folder as spiece.model (vocab.json beside it comes too); "
+                   "default: CPM's vocabulary, shipped with cpm-deploy.")
 @click.option("-f", "--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def random(preset, out, seed, tokenizer, overwrite, quiet):
@@ -33,15 +34,17 @@ def random(preset, out, seed, tokenizer, overwrite, quiet):
 
     \b
     Examples:
-      cpm-checkpoint random small ./cpm-small-random --tokenizer chinese_vocab.model
-      cpm-checkpoint random large /data/cpm-large-random --seed 1
+      cpm-checkpoint random small ./cpm-small-random
+      cpm-checkpoint random large /data/cpm-large-random --seed 1 --tokenizer ./bpe_3w_new/chinese_vocab.model
     """
     setup_logging()
     from ..exporter.checkpoint_tools import write_random_checkpoint
     from ..exporter.config import CPMConfig
     from ..exporter.staging import OutputExistsError
+    from ..runtime.tokenizer import DEFAULT_VOCAB
 
     cfg = CPMConfig.from_preset(preset)
+    tokenizer = tokenizer or DEFAULT_VOCAB
     with user_errors(OutputExistsError), stage_progress({"w": f"writing {preset}"}, not quiet) as step:
         files = write_random_checkpoint(cfg, out, seed, tokenizer, overwrite, lambda d, n: step("w", d, n))
     click.echo(f"wrote {out} ({cfg.n_params / 1e6:,.0f}M parameters, {len(files)} weight file(s))")
@@ -52,7 +55,8 @@ def random(preset, out, seed, tokenizer, overwrite, quiet):
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--num-heads", type=click.IntRange(1), help="Attention heads, when the checkpoint does not store them.")
 @click.option("-t", "--tokenizer", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              help="sentencepiece model to include (default: one found beside SRC).")
+              help="sentencepiece model to include (default: one found beside SRC, else CPM's vocabulary "
+                   "shipped with cpm-deploy).")
 @click.option("-f", "--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def convert(src, out, num_heads, tokenizer, overwrite):
     """Convert the original model-parallel checkpoint SRC to a Hugging Face folder OUT.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from ..runtime.tokenizer import DEFAULT_VOCAB
 from .config import CPMConfig
 from .hf_format import save_hf_folder
 from .load import load_checkpoint
@@ -33,5 +34,6 @@ def convert_to_hf(src: Path, out: Path, n_heads: int | None = None, tokenizer: P
     """Any readable checkpoint (the original model-parallel format above all) -> a Hugging Face folder."""
     ckpt = load_checkpoint(src, n_heads, progress)
     with staged_dir(out, overwrite) as tmp:
-        files = save_hf_folder(tmp, ckpt.config, iter(ckpt.model.state_dict().items()), tokenizer or ckpt.tokenizer)
+        files = save_hf_folder(tmp, ckpt.config, iter(ckpt.model.state_dict().items()),
+                               tokenizer or ckpt.tokenizer or DEFAULT_VOCAB)
     return [Path(out) / f.name for f in files]

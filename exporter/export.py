@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import platform
 import shutil
 import time
@@ -15,8 +16,10 @@ import onnx
 
 from .. import __version__
 from ..optimize import variants
-from ..runtime.bundle import BASE_DATA, FORMAT, FORMAT_VERSION, FULL_GRAPH, GENERATION_GRAPH, MANIFEST, sha256_file
+from ..runtime.bundle import (BASE_DATA, FORMAT, FORMAT_VERSION, FULL_GRAPH, GENERATION_GRAPH, HF_CONFIG, MANIFEST,
+                              sha256_file)
 from ..runtime.session import OnnxRuntimeRunner, SharedKVRunner
+from ..runtime.tokenizer import DEFAULT_VOCAB, CPMTokenizer
 from .config import ConfigError
 from .external_data import ExternalDataWriter
 from .load import load_checkpoint
@@ -52,6 +55,7 @@ class ExportOptions:
     overwrite: bool = False
     threads: int | None = None
     variants: tuple[tuple[str, str], ...] = (("cpu", "fp32"),)  # (target, precision); first is the default
+    variants_only: bool = False  # ship only the variants (the standard graphs are still built and verified)
 
 
 def tool_versions() -> dict:
@@ -87,8 +91,10 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
     cfg, source_format = ckpt.config, ckpt.format
     tokenizer = Path(options.tokenizer) if options.tokenizer else ckpt.tokenizer
     if tokenizer is None:
-        raise FileNotFoundError(f"no tokenizer model (spiece.model or chinese_vocab.model) beside {src}; "
-                                "pass --tokenizer FILE")
+        tokenizer = DEFAULT_VOCAB
+        logging.getLogger("cpm_deploy").warning(
+            "no spiece.model or chinese_vocab.model beside %s: using CPM's vocabulary shipped with cpm-deploy "
+            "(--tokenizer FILE picks another)", src)
     _check_vocabularies(tokenizer, cfg.vocab_size)
     t_load = time.perf_counter()
 
@@ -109,6 +115,9 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
         t_variants = time.perf_counter()
 
         tok_entry = _copy_tokenizer(tokenizer, tmp)
+        # GPT-2 config beside decoder.onnx: Hugging Face tools (Optimum) load the bundle as it is
+        (tmp / HF_CONFIG).write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
+        left_out = _drop_standard_graphs(tmp, graphs) if options.variants_only and options.variants else {}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -119,6 +128,7 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
             "tokenizer": tok_entry,
             "graphs": graphs,
             "default_graph": "-".join(options.variants[0]) if options.variants else "decoder_last",
+            "left_out": left_out,
             "fp16_ranges": {"file": "fp16_ranges.json", "flagged": len(ranges["flagged"])} if ranges else None,
             "timings_s": {"load": round(t_load - t0, 2), "export": round(t_export - t_load, 2),
                           "verify": round(t_verify - t_export, 2), "variants": round(t_variants - t_verify, 2)},
@@ -146,6 +156,21 @@ def _write_base_graphs(folder: Path, ckpt, opset: int, step) -> tuple[dict, str]
     return graphs, writer.close()
 
 
+def _drop_standard_graphs(folder: Path, graphs: dict) -> dict:
+    """--variants-only: remove the standard graphs (their verification stays on record), and their
+    files unless a variant reads them (trt-fp32 is decoder_last.onnx; cpu-fp32 reads its data)."""
+    kept = [g for k, g in graphs.items() if k not in dict.fromkeys(key for key, _, _ in GRAPHS)]
+    needed = {name for g in kept for name in (g["file"], g.get("data")) if name}
+    dropped = {}
+    for key, file, _ in GRAPHS:
+        entry = graphs.pop(key)
+        dropped[key] = {"file": file, "parity": entry["parity"], "nodes": entry["nodes"], "opset": entry["opset"]}
+        for name in (file, BASE_DATA):
+            if name not in needed and (folder / name).exists():
+                (folder / name).unlink()
+    return dropped
+
+
 def _verify_base_graphs(folder: Path, graphs: dict, expected, options: ExportOptions, step) -> None:
     for key, info in graphs.items():
         runner = OnnxRuntimeRunner(folder / info["file"], threads=options.threads, optimize=False)
@@ -171,14 +196,10 @@ def _build_variants(folder: Path, graphs: dict, n_layer: int, expected, options:
 
 
 def _check_vocabularies(tokenizer: Path, model_vocab: int) -> None:
-    import logging
-
-    from ..runtime.tokenizer import CPMTokenizer
-
     size = CPMTokenizer(tokenizer).vocab_size
     if size > model_vocab:
         raise ConfigError(f"the tokenizer {tokenizer.name} has {size} pieces but the model only {model_vocab} "
-                          "embeddings: it is not this model's tokenizer")
+                          "embeddings: it is not this model's tokenizer (pass the right one with --tokenizer)")
     if size < model_vocab:
         logging.getLogger("cpm_deploy").warning(
             "the model has %d embeddings for a %d-piece tokenizer; generation never picks the %d extra ids",
@@ -214,7 +235,6 @@ def _fp16_ranges(folder: Path, expected, tokenizer: Path, step) -> dict:
     import numpy as np
 
     from ..optimize.precision import range_report
-    from ..runtime.tokenizer import CPMTokenizer
 
     tok = CPMTokenizer(tokenizer)
     empty = {k: v[:1, :, :0] for k, v in expected[0].feeds.items() if k.startswith("past_key_values.")}

@@ -18,6 +18,7 @@ MANIFEST = "manifest.json"
 FULL_GRAPH = "decoder.onnx"  # HF contract: logits for every position
 GENERATION_GRAPH = "decoder_last.onnx"  # logits for the last position only
 BASE_DATA = "decoder.onnx.data"
+HF_CONFIG = "config.json"  # GPT-2 config beside decoder.onnx, for Hugging Face tools
 
 
 class BundleError(ValueError):

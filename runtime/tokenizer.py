@@ -20,6 +20,8 @@ from .padding import left_pad
 log = logging.getLogger("cpm_deploy")
 
 SPACE, NEWLINE = "\u2582", "\u2583"
+# CPM-Generate's own vocabulary (MIT, 713 KB), shipped as the default: see vocab/NOTICE
+DEFAULT_VOCAB = Path(__file__).with_name("vocab") / "chinese_vocab.model"
 _TO_PIECES = str.maketrans({" ": SPACE, "\n": NEWLINE})
 _jieba = None
 _jieba_lock = threading.Lock()

@@ -1,23 +1,23 @@
-"""Fixtures: the real CPM vocabulary when ../shared is there, else a tiny sentencepiece model
-trained on the spot with CPM's special-id layout; tiny checkpoints written by the real tools."""
+"""Fixtures: CPM's real vocabulary (shipped in the package), real Chinese headlines when
+../shared is there (else a few sentences written here), tiny checkpoints written by the real tools."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
 
+from cpm_deploy.runtime.tokenizer import DEFAULT_VOCAB
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-REAL_VOCAB = SHARED / "cpm-vocab" / "chinese_vocab.model"
+REAL_VOCAB = DEFAULT_VOCAB
 OLD_VOCAB = SHARED / "cpm-vocab" / "chinese_vocab.before-2020-11-22.model"
 CORPUS = SHARED / "corpus" / "tnews-headlines.txt"
 
-needs_real_vocab = pytest.mark.skipif(not REAL_VOCAB.is_file(), reason="needs ../shared/cpm-vocab (CPM's real vocabulary)")
 needs_corpus = pytest.mark.skipif(not CORPUS.is_file(), reason="needs ../shared/corpus (real Chinese text)")
 
-# Used only without ../shared: enough Chinese to train a small BPE model with CPM's special ids.
+# Used only without ../shared: a little Chinese text for the briefly trained model.
 FALLBACK_TEXT = """清华大学是中国著名的高等学府，位于北京市海淀区。
 今天天气很好，我们一起去公园散步吧。
 人工智能技术正在改变我们的生活和工作方式。
@@ -37,28 +37,9 @@ def corpus_lines(n: int | None = None) -> list[str]:
     return lines[:n] if n else lines
 
 
-def train_fallback_vocab(path: Path) -> Path:
-    """A small BPE model whose ids 0-7 match CPM's: <unk> <s> </s> U+2583 <sep> <pad> <mask> <eod>."""
-    import jieba
-    import sentencepiece as spm
-
-    jieba.setLogLevel(60)
-    text = [" ".join(w.replace(" ", "\u2582").replace("\n", "\u2583") for w in jieba.cut(line)) for line in corpus_lines()]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_writer=model, model_type="bpe", vocab_size=400, hard_vocab_limit=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=["\u2583", "<sep>", "<pad>", "<mask>", "<eod>", "\u2582"],
-        character_coverage=1.0, minloglevel=2,
-    )
-    path.write_bytes(model.getvalue())
-    return path
-
-
 @pytest.fixture(scope="session")
-def vocab_file(tmp_path_factory) -> Path:
-    if REAL_VOCAB.is_file():
-        return REAL_VOCAB
-    return train_fallback_vocab(tmp_path_factory.mktemp("vocab") / "spiece.model")
+def vocab_file() -> Path:
+    return DEFAULT_VOCAB
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from cpm_deploy.cli.export import main as export_cli
-from cpm_deploy.exporter import export_bundle
+from cpm_deploy.exporter import ExportOptions, export_bundle
 from cpm_deploy.runtime.bundle import Bundle, BundleError
 
 
@@ -105,13 +105,21 @@ def test_user_errors_are_one_line(tmp_path, tiny_hf):
         assert text in result.output and "Traceback" not in result.output
 
 
-def test_tokenizer_required(tmp_path, tiny_hf):
+def test_without_a_tokenizer_the_shipped_vocabulary_is_used(tmp_path, tiny_hf, tiny_cfg):
+    import dataclasses
     import shutil
+
+    from cpm_deploy.exporter.checkpoint_tools import write_random_checkpoint
 
     ck = tmp_path / "no-tok"
     shutil.copytree(tiny_hf, ck)
     (ck / "spiece.model").unlink()
     result = CliRunner().invoke(export_cli, [str(ck), str(tmp_path / "b"), "-q"])
+    assert result.exit_code == 0 and "vocabulary shipped with cpm-deploy" in result.output
+    assert Bundle.open(tmp_path / "b").manifest["tokenizer"]["file"] == "chinese_vocab.model"
+    # a model whose vocabulary is not CPM's is told to bring its own
+    write_random_checkpoint(dataclasses.replace(tiny_cfg, vocab_size=100), tmp_path / "small")
+    result = CliRunner().invoke(export_cli, [str(tmp_path / "small"), str(tmp_path / "b2"), "-q"])
     assert result.exit_code == 1 and "--tokenizer" in result.output
 
 
@@ -165,3 +173,58 @@ def test_a_larger_tokenizer_than_the_model_is_refused(tmp_path, tiny_hf, tiny_cf
     with pytest.raises(ConfigError, match="not this model's tokenizer"):
         export_bundle(tmp_path / "ck", tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_killed_export_leaves_a_folder_the_next_one_removes(tmp_path, tiny_hf):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "b"
+    code = ("import os, signal; from pathlib import Path; from cpm_deploy.exporter.staging import staged_dir\n"
+            f"with staged_dir(Path({str(out)!r})) as tmp:\n"
+            "    (tmp / 'decoder.onnx.data').write_bytes(b'x' * 1000)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
+    stale = list(tmp_path.glob(".b.partial-*"))
+    assert len(stale) == 1 and (stale[0] / "decoder.onnx.data").is_file()
+
+    # an export still running (its folder locked) is left alone
+    live = subprocess.Popen([sys.executable, "-c", code.replace("os.kill(os.getpid(), signal.SIGKILL)",
+                                                               "print('ready', flush=True); input(); raise SystemExit(3)")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert live.stdout.readline().strip() == "ready"
+    try:
+        export_bundle(tiny_hf, out)
+        assert set(tmp_path.glob(".b.partial-*")) - set(stale) and not stale[0].exists()
+    finally:
+        live.communicate("\n")
+    assert live.returncode == 3 and not list(tmp_path.glob(".b.*"))  # the live one cleaned up after itself
+    Bundle.open(out)
+
+
+def test_variants_only_ships_what_was_asked(tmp_path, tiny_hf):
+    from cpm_deploy.runtime import CPMGenerator
+
+    result = CliRunner().invoke(export_cli, [str(tiny_hf), str(tmp_path / "b"), "-P", "int4", "--variants-only"])
+    assert result.exit_code == 0, result.output
+    assert "left out (--variants-only)" in result.output and "holds" in result.output
+    m = Bundle.open(tmp_path / "b").manifest
+    assert list(m["graphs"]) == ["cpu-int4"] and m["left_out"]["decoder"]["parity"]["passed"]
+    assert set(m["files"]) == {"decoder_cpu_int4.onnx", "decoder_cpu_int4.onnx.data", "spiece.model",
+                               "config.json"}
+    assert {p.name for p in (tmp_path / "b").iterdir()} == set(m["files"]) | {"manifest.json"}
+    assert CPMGenerator.from_bundle(tmp_path / "b").generate_ids(["清华"], max_new_tokens=2)
+
+    # a variant that reads the fp32 data keeps it; the standard graphs still go
+    export_bundle(tiny_hf, tmp_path / "f", ExportOptions(variants=(("cpu", "fp32"),), variants_only=True))
+    files = {p.name for p in (tmp_path / "f").iterdir()}
+    assert {"decoder_cpu_fp32.onnx", "decoder.onnx.data"} <= files and not files & {"decoder.onnx", "decoder_last.onnx"}
+
+
+def test_bundle_has_a_gpt2_config_for_hugging_face_tools(tiny_bundle, tiny_cfg):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config.from_pretrained(tiny_bundle)
+    assert (cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.eos_token_id, cfg.bos_token_id) == (
+        tiny_cfg.n_layer, tiny_cfg.n_embd, tiny_cfg.vocab_size, 7, 7)
+    assert Bundle.open(tiny_bundle).manifest["files"]["config.json"]["bytes"] > 0

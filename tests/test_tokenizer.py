@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from conftest import OLD_VOCAB, REAL_VOCAB, corpus_lines, needs_corpus, needs_real_vocab
+from conftest import OLD_VOCAB, REAL_VOCAB, SHARED, corpus_lines, needs_corpus
 from cpm_deploy.runtime import CPMTokenizer, StreamDecoder
 
 
@@ -37,7 +37,6 @@ def test_ids_equal_cpm_generate_on_real_headlines(tok, vocab_file):
     assert all(tok.decode(tok.encode(t)) == cpm_generate_decode(sp, cpm_generate_encode(sp, t)) for t in lines[:500])
 
 
-@needs_real_vocab
 def test_special_ids_and_whitespace(tok):
     assert (tok.eod_id, tok.pad_id, tok.vocab_size) == (7, 5, 30000)
     ids = tok.encode("清华大学 位于北京\n海淀区")
@@ -50,7 +49,6 @@ def test_round_trip_keeps_spaces_and_newlines(tok):
     assert tok.decode(tok.encode(text)) == text
 
 
-@needs_real_vocab
 def test_differs_from_plain_sentencepiece(tok):
     """Hugging Face's CpmTokenizer skips jieba; the ids must not be plain sentencepiece's."""
     sp = spm.SentencePieceProcessor(model_file=str(REAL_VOCAB))
@@ -142,3 +140,11 @@ def test_every_package_folder_is_installed():
                                   if not p.relative_to(ROOT).parts[0].startswith(".")  # a .venv inside the clone
                                   and p.parent.name not in ("tests", "benchmarks")}
     assert found <= listed, found - listed
+
+
+def test_the_shipped_vocabulary_is_cpms():
+    from cpm_deploy.runtime.verified import sha256_file
+
+    assert sha256_file(REAL_VOCAB) == "25c1d178d54901291c1735cd2ae0788be90df4de01fb445e8a8a998cab35ba43"
+    shared = SHARED / "cpm-vocab" / "chinese_vocab.model"
+    assert not shared.is_file() or shared.read_bytes() == REAL_VOCAB.read_bytes()
