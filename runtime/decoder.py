@@ -98,28 +98,38 @@ class SharedKVDecoder(_OrtDecoder):
         return {"seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(lengths.max(), np.int32),
                 "query_seqlens": query.astype(np.int32)}
 
-    def prefill(self, rows: list[list[int]], capacity: int, pad_id: int = 0) -> tuple[np.ndarray, SharedState]:
+    # -- batched entry points over caller-owned KV buffers (a server's slot pool) ------------------
+    def run_prefill(self, rows: list[list[int]], past: list, pad_id: int = 0) -> np.ndarray:
+        """Prompts into empty cache rows; ``past`` holds one [B, heads, capacity, head_dim] buffer
+        per layer and kind. Returns the last prompt position's logits [B, V]."""
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), pad_id, np.int64)
         pos = np.zeros((len(rows), width), np.int64)
         for b, r in enumerate(rows):  # right padding: row b's tokens at 0 .. len-1
             ids[b, :len(r)], pos[b, :len(r)] = r, np.arange(len(r))
         lengths = np.array([len(r) for r in rows], np.int64)
+        feeds = {"input_ids": ids, "position_ids": pos, **self._lengths(lengths, lengths)}
+        return self._run(feeds, past, shared=True)[0]
+
+    def run_step(self, tokens: np.ndarray, cached: np.ndarray, past: list) -> np.ndarray:
+        """One token per row after ``cached`` [B] tokens already in that row's cache; logits [B, V]."""
+        feeds = {"input_ids": tokens.reshape(-1, 1).astype(np.int64), "position_ids": cached.reshape(-1, 1).astype(np.int64),
+                 **self._lengths(cached + 1, np.ones_like(cached))}
+        return self._run(feeds, past, shared=True)[0]
+
+    # -- one generation call: buffers sized for it ------------------------------------------------
+    def prefill(self, rows: list[list[int]], capacity: int, pad_id: int = 0) -> tuple[np.ndarray, SharedState]:
+        lengths = np.array([len(r) for r in rows], np.int64)
         if lengths.max() > capacity:
             raise ValueError(f"prompt of {lengths.max()} tokens exceeds the KV capacity {capacity}")
         state = SharedState(lengths, capacity, self._kv(len(rows), capacity))
-        feeds = {"input_ids": ids, "position_ids": pos, **self._lengths(lengths, lengths)}
-        logits, _ = self._run(feeds, state.past, shared=True)
-        return logits, state
+        return self.run_prefill(rows, state.past, pad_id), state
 
     def step(self, state: SharedState, tokens: np.ndarray) -> np.ndarray:
         if state.lengths.max() >= state.capacity:
             raise ValueError(f"KV cache full ({state.capacity} positions)")
-        pos = state.lengths.reshape(-1, 1).copy()
+        logits = self.run_step(tokens, state.lengths, state.past)
         state.lengths = state.lengths + 1
-        feeds = {"input_ids": tokens.reshape(-1, 1).astype(np.int64), "position_ids": pos,
-                 **self._lengths(state.lengths, np.ones_like(state.lengths))}
-        logits, _ = self._run(feeds, state.past, shared=True)
         return logits
 
 

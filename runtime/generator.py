@@ -11,7 +11,8 @@ import numpy as np
 from .bundle import Bundle
 from .decoder import open_decoder
 from .sampling import SamplingConfig, next_tokens
-from .tokenizer import CPMTokenizer, StreamDecoder, TokenizerError
+from .text_stream import TextStream, cut_at_stop
+from .tokenizer import CPMTokenizer, TokenizerError
 
 DEFAULT_NEW_TOKENS = 50
 
@@ -83,7 +84,7 @@ class CPMGenerator:
 
     def _finish(self, ids: list[int], stop: tuple[str, ...]) -> str:
         text = self.tokenizer.decode([t for t in ids if t != self.eod_id])
-        return _cut_at_stop(text, stop)[0]
+        return cut_at_stop(text, stop)[0]
 
     # -- token level ------------------------------------------------------------------------------
     def prepare(self, texts: Sequence[str], max_length: int | None, max_new_tokens: int | None,
@@ -151,7 +152,7 @@ class CPMGenerator:
         seen = _seen_from(rows, self.config["vocab_size"]) if cfg.repetition_penalty != 1.0 else None
         generated: list[list[int]] = [[] for _ in range(B)]
         done = np.zeros(B, bool)
-        texts = [StreamDecoder(self.tokenizer) for _ in range(B)] if cfg.stop else None
+        texts = [TextStream(self.tokenizer, cfg.stop) for _ in range(B)] if cfg.stop else None
         capacity = max(len(r) for r in rows) + max_new_tokens
         logits, state = self.decoder.prefill(rows, capacity, self.tokenizer.pad_id)
         for step in range(max_new_tokens):
@@ -165,8 +166,7 @@ class CPMGenerator:
                     done[r] = True
                 elif texts is not None:
                     texts[r].push(int(tok[r]))
-                    if _cut_at_stop(texts[r].emitted, cfg.stop)[1]:
-                        done[r] = True
+                    done[r] = texts[r].stopped
             if seen is not None:
                 seen[np.arange(B), tok] = True
             yield generated
@@ -179,21 +179,13 @@ class CPMGenerator:
         """Text pieces of one continuation as they are decoded (whole characters only)."""
         req = self.prepare([prompt], max_length, max_new_tokens, truncate_prompt)
         cfg = SamplingConfig(**_as_tuple(sampling))
-        text = StreamDecoder(self.tokenizer)
-        sent_chars = 0
+        text = TextStream(self.tokenizer, cfg.stop)
         for out in self.iter_ids(req.prompts, req.max_new_tokens, 1, cfg):
             tok = out[0][-1]
-            if tok != self.eod_id:
-                text.push(tok)
-            visible, hit = _cut_at_stop(text.emitted, cfg.stop)
-            if not hit:  # hold back a tail that may turn out to be the start of a stop string
-                visible = visible[:len(visible) - _longest_stop_prefix(visible, cfg.stop)]
-            if len(visible) > sent_chars:
-                yield visible[sent_chars:]
-                sent_chars = len(visible)
-        visible = _cut_at_stop(text.emitted, cfg.stop)[0]
-        if len(visible) > sent_chars:
-            yield visible[sent_chars:]
+            if tok != self.eod_id and (piece := text.push(tok)):
+                yield piece
+        if rest := text.finish():
+            yield rest
 
 
 def _tensorrt_decoder(bundle: Bundle, verify: bool):
@@ -223,13 +215,3 @@ def _seen_from(rows: list[list[int]], vocab: int) -> np.ndarray:
     for r, ids in enumerate(rows):
         seen[r, ids] = True
     return seen
-
-
-def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    cut = min((i for s in stop if (i := text.find(s)) >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def _longest_stop_prefix(text: str, stop: Sequence[str]) -> int:
-    """Length of the longest tail of text that begins some stop string (held back while streaming)."""
-    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)

@@ -1,0 +1,76 @@
+"""cpm-serve: an OpenAI-compatible completions server over a bundle, with continuous batching."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+
+import click
+
+from .common import setup_logging, user_errors
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-H", "--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback exposes the model to the network.")
+@click.option("-p", "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option("-g", "--graph", help="Graph of the bundle (a shared-KV one: cpu-fp32, cpu-int8, cpu-int4); default: the bundle's.")
+@click.option("-b", "--max-batch", type=click.IntRange(1, 256), default=16, show_default=True,
+              help="Sequences decoded together; the KV pool holds this many, allocated once.")
+@click.option("-q", "--max-queue", type=click.IntRange(0), default=64, show_default=True,
+              help="Requests that may wait for a slot; beyond it the server answers 429 with Retry-After.")
+@click.option("--max-total", type=click.IntRange(2), help="Positions per sequence (prompt + new tokens) in the KV pool; "
+              "default: the model's (1024). Lower it to shrink the pool.")
+@click.option("-t", "--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
+              help="Seconds a request may take, queueing included.")
+@click.option("--drain", "drain_s", type=click.FloatRange(min=0), default=10, show_default=True,
+              help="On SIGTERM: seconds open requests get to finish before they are cancelled.")
+@click.option("--model-name", help="Model id in the API (default: the bundle folder's name).")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the graph's files (paths are still checked).")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+def main(bundle, host, port, graph, max_batch, max_queue, max_total, threads, timeout_s, drain_s, model_name, no_verify,
+         verbose):
+    """Serve the model in BUNDLE over OpenAI's completions API.
+
+    Routes: POST /v1/completions (streaming with "stream": true), GET /v1/models, GET /health
+    (ready once the bundle is loaded), GET /metrics (Prometheus). Requests join the running
+    batch at the next decode step and leave it when they finish. SIGTERM stops accepting, lets
+    open requests finish within --drain seconds, and exits 0.
+
+    \b
+    Examples:
+      cpm-serve ./cpm-bundle
+      cpm-serve ./cpm-bundle -g cpu-int8 --max-batch 32 --port 8080
+      curl -s 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+           -d '{"prompt": "清华大学", "max_tokens": 32}'
+    """
+    setup_logging(verbose)
+    logging.getLogger("cpm_deploy.serve").setLevel(logging.INFO)  # startup and failures, one line each
+    try:
+        import uvicorn
+
+        from ..serve.app import ServerConfig, create_app
+    except ImportError as e:
+        raise click.ClickException(f"serving needs the [serve] extra (pip install 'cpm-deploy[serve]'): {e}") from None
+    from ..runtime import BundleError, Bundle
+
+    with user_errors(BundleError):
+        Bundle.open(bundle, verify=False)  # a wrong path fails here, before the port opens
+    if not _is_loopback(host):
+        click.echo(f"warning: listening on {host}: the server has no authentication", err=True)
+    config = ServerConfig(bundle, graph, threads, max_batch, max_queue, max_total, timeout_s, drain_s, model_name,
+                          not no_verify)
+    uvicorn.run(create_app(config), host=host, port=port, log_level="info" if verbose else "warning",
+                timeout_graceful_shutdown=drain_s, access_log=verbose)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,69 @@
+"""The OpenAI-compatible server as an ASGI app (FastAPI), run by uvicorn in ``cpm-serve``.
+
+The port opens at once and ``/health`` says "loading" until the bundle is loaded in a background
+thread; on shutdown (SIGTERM: uvicorn stops accepting and lets open requests finish within its
+graceful timeout) the engine drains, then cancels what is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from .engine import Engine
+from .routes import build_router
+
+log = logging.getLogger("cpm_deploy.serve")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bundle: Path
+    graph: str | None = None
+    threads: int | None = None
+    max_batch: int = 16
+    max_queue: int = 64
+    max_total: int | None = None
+    timeout_s: float | None = 300.0
+    drain_s: float = 10.0
+    model_name: str | None = None
+    verify: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.model_name or Path(self.bundle).name
+
+    def load(self) -> Engine:
+        return Engine.from_bundle(self.bundle, graph=self.graph, threads=self.threads, verify=self.verify,
+                                  max_batch=self.max_batch, max_queue=self.max_queue, max_total=self.max_total).start()
+
+
+def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
+    """An app serving ``config.bundle``; pass a started ``engine`` to serve one built elsewhere."""
+    state = {"engine": engine, "error": None}
+
+    def load():
+        try:
+            state["engine"] = config.load()
+            log.info("ready: %s (graph %s, max batch %d)", config.name, state["engine"].generator.graph_name,
+                        config.max_batch)
+        except Exception as e:  # noqa: BLE001 - reported by /health and the log, the process stays up
+            state["error"] = f"{type(e).__name__}: {e}"
+            log.error("could not load %s: %s", config.bundle, state["error"])
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if state["engine"] is None:
+            threading.Thread(target=load, name="cpm-load", daemon=True).start()
+        yield
+        if state["engine"] is not None:
+            state["engine"].shutdown(config.drain_s)
+
+    app = FastAPI(title="cpm-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.include_router(build_router(lambda: state["engine"], config.name, config.timeout_s, lambda: state["error"]))
+    return app

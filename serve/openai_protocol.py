@@ -1,0 +1,109 @@
+"""OpenAI's completions API as pydantic models, and the response shapes (plain and streamed).
+
+Fields follow the OpenAI reference; ``top_k`` and ``repetition_penalty`` are extra fields (the
+openai client passes them with ``extra_body``). Unknown fields are ignored, as OpenAI does; known
+fields of the wrong type are refused with the field named.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = DEFAULT_MAX_TOKENS
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
+    top_k: Annotated[int, Field(ge=0)] | None = 0
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = 1.0
+    n: Annotated[int, Field(ge=1)] | None = 1
+    stop: str | Annotated[list[str], Field(max_length=8)] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    user: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or (a list of ints) one prompt already tokenized."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(p, int) for p in self.prompt):
+            return [list(self.prompt)]
+        return list(self.prompt)
+
+    def sampling(self) -> dict:
+        """Engine sampling keywords. temperature 0 means greedy, as in OpenAI's API."""
+        temperature = 1.0 if self.temperature is None else self.temperature
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not s for s in stop):
+            raise ValueError("stop strings must not be empty")
+        return {"do_sample": temperature > 0, "temperature": temperature or 1.0, "top_p": self.top_p or 1.0,
+                "top_k": self.top_k or 0, "repetition_penalty": self.repetition_penalty or 1.0, "seed": self.seed,
+                "stop": tuple(stop)}
+
+    def unsupported(self) -> str | None:
+        if self.echo:
+            return "echo"
+        if self.logprobs:
+            return "logprobs"
+        if self.best_of not in (None, 1, self.n):
+            return "best_of"
+        if self.suffix:
+            return "suffix"
+        return None
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def validation_error_body(error: ValidationError) -> dict:
+    e = error.errors()[0]
+    field = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or len(e["loc"]) == 1)
+    return error_body(f"{field}: {e['msg']}", param=str(e["loc"][0]) if e["loc"] else None)
+
+
+class CompletionIds:
+    """The id, timestamp and model name shared by every chunk of one response."""
+
+    def __init__(self, model: str):
+        self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+
+def choice(index: int, text: str, finish_reason: Literal["stop", "length"] | None) -> dict:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def models_list(model: str) -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "cpm-deploy"}]}

@@ -1,0 +1,167 @@
+"""OpenAI-compatible HTTP routes: a thin shell over an Engine (which knows nothing of HTTP).
+
+The same router serves under uvicorn (``serve.app``) and inside Ray Serve replicas
+(``serve.ray_app``); it finds its engine through ``get_engine`` (None while loading).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+
+from .engine import Engine, RequestError
+from .openai_protocol import (CompletionIds, CompletionRequest, choice, error_body, models_list, usage,
+                              validation_error_body)
+from .sequence import EngineError, QueueFull
+
+RETRY_AFTER_S = 1
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+           headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param), status_code=status, headers=headers)
+
+
+def build_router(get_engine: Callable[[], Engine | None], model_name: str, timeout_s: float | None = None,
+                 load_error: Callable[[], str | None] = lambda: None) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health():
+        if get_engine() is not None:
+            return {"status": "ready", "model": model_name}
+        failed = load_error()
+        return JSONResponse({"status": "failed" if failed else "loading", "error": failed}, status_code=503)
+
+    @router.get("/metrics")
+    async def metrics():
+        engine = get_engine()
+        return Response(engine.metrics.exposition() if engine else b"", media_type=CONTENT_TYPE_LATEST)
+
+    @router.get("/v1/models")
+    async def models():
+        return models_list(model_name)
+
+    @router.post("/v1/completions")
+    async def completions(http: Request):
+        engine = get_engine()
+        if engine is None:
+            return _error(503, "the model is still loading; retry shortly", "server_error",
+                          headers={"Retry-After": str(RETRY_AFTER_S)})
+        try:
+            body = CompletionRequest.model_validate_json(await http.body())
+        except ValidationError as e:
+            return JSONResponse(validation_error_body(e), status_code=400)
+        if (field := body.unsupported()) is not None:
+            return _error(400, f"{field} is not supported by this server", param=field)
+        if body.model not in (None, model_name):
+            return _error(404, f"model {body.model!r} is not served here; it serves {model_name!r}", param="model")
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        try:
+            sampling = body.sampling()
+            requests = [engine.make_request(p, body.max_tokens or 16, body.n or 1, timeout_s,
+                                            sink=lambda ev, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, ev)),
+                                            **sampling) for k, p in enumerate(body.prompts())]
+        except (RequestError, ValueError) as e:
+            return _error(400, str(e))
+        try:
+            for r in requests:
+                engine.submit(r)
+        except QueueFull as e:
+            for r in requests:
+                r.cancel()
+            return _error(429, f"server busy: {e}", "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+        except EngineError as e:
+            for r in requests:
+                r.cancel()
+            return _error(503, str(e), "server_error")
+        ids = CompletionIds(model_name)
+        call = _Call(requests, events, body.n or 1)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(call, ids, include_usage), media_type="text/event-stream")
+        return await _collect(call, ids, http)
+
+    return router
+
+
+class _Call:
+    """The engine requests of one HTTP call (one per prompt) and their events, in choice order."""
+
+    def __init__(self, requests, events: asyncio.Queue, n: int):
+        self.requests, self.events, self.n = requests, events, n
+        self.open = len(requests) * n
+
+    async def next(self, timeout: float | None = None):
+        k, ev = await asyncio.wait_for(self.events.get(), timeout)
+        if ev.kind == "finish":
+            self.open -= 1
+        return k * self.n + ev.index, ev
+
+    def cancel(self) -> None:
+        for r in self.requests:
+            r.cancel()
+
+    def usage(self) -> dict:
+        return usage(sum(len(r.prompt) for r in self.requests),
+                     sum(len(s.generated) for r in self.requests for s in r.sequences))
+
+
+def _failure(ev) -> tuple[int, str, str] | None:
+    """(status, message, type) when an event ends the call as an error."""
+    if ev.kind == "error":
+        return 500, ev.text, "server_error"
+    if ev.kind == "finish" and ev.reason == "timeout":
+        return 504, "the request timed out before it finished (--timeout)", "timeout"
+    if ev.kind == "finish" and ev.reason == "cancelled":
+        return 503, "the request was cancelled: the server is shutting down", "server_error"
+    return None
+
+
+async def _collect(call: _Call, ids: CompletionIds, http: Request) -> JSONResponse:
+    texts = [""] * (len(call.requests) * call.n)
+    reasons: list[str | None] = [None] * len(texts)
+    try:
+        while call.open:
+            try:
+                index, ev = await call.next(timeout=0.5)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    call.cancel()
+                    return JSONResponse({}, status_code=499)
+                continue
+            if failed := _failure(ev):
+                return _error(failed[0], failed[1], failed[2])
+            if ev.kind == "token":
+                texts[index] += ev.text
+            else:
+                reasons[index] = ev.reason
+    finally:
+        call.cancel()  # no-op for finished requests; frees slots of the rest
+    choices = [choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))]
+    return JSONResponse(ids.chunk(choices, call.usage()))
+
+
+async def _stream(call: _Call, ids: CompletionIds, include_usage: bool):
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    try:
+        while call.open:
+            index, ev = await call.next()
+            if failed := _failure(ev):
+                yield sse(error_body(failed[1], failed[2]))
+                return
+            text, reason = (ev.text, None) if ev.kind == "token" else ("", ev.reason)
+            yield sse(ids.chunk([choice(index, text, reason)]))
+        if include_usage:
+            yield sse(ids.chunk([], call.usage()))
+        yield "data: [DONE]\n\n"
+    finally:  # a client that went away: its sequences leave the batch at the next step
+        call.cancel()

@@ -1,0 +1,104 @@
+"""What the engine schedules: requests, their sequences (one per choice) with explicit states, and
+the events it sends back. Nothing here knows of HTTP."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..runtime.sampling import SamplingConfig
+from ..runtime.text_stream import TextStream
+
+
+class EngineError(RuntimeError):
+    """The engine cannot take a request now (stopping, not loaded)."""
+
+
+class QueueFull(EngineError):
+    """The waiting queue is at its limit: try again shortly."""
+
+
+class State(enum.Enum):
+    WAITING = "waiting"  # queued, no KV slot yet
+    RUNNING = "running"  # in a KV slot, prefilled, decoding one token per step
+    FINISHED = "finished"  # slot freed; finish_reason says why
+
+
+@dataclass(frozen=True)
+class Event:
+    """``token``: ``text`` became visible in choice ``index``; ``finish``: choice ``index`` ended
+    (``reason`` stop / length / cancelled / timeout); ``error``: the request failed (``text`` says why)."""
+
+    kind: str
+    index: int = 0
+    text: str = ""
+    token_id: int = -1
+    reason: str | None = None
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig
+    n: int = 1
+    timeout_s: float | None = None
+    sink: Callable[[Event], None] = print
+    id: int = field(default_factory=lambda: next(_ids))
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    sequences: list[Sequence] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; its slots are freed at the next step."""
+        self.cancelled.set()
+
+    def expired(self, now: float) -> bool:
+        return self.timeout_s is not None and now - self.arrived > self.timeout_s
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.sequences) and all(s.state is State.FINISHED for s in self.sequences)
+
+
+@dataclass(eq=False)
+class Sequence:
+    request: Request
+    index: int  # choice number within the request
+    rng: np.random.Generator
+    text: TextStream
+    seen: np.ndarray | None  # [V] tokens in context, for the repetition penalty
+    state: State = State.WAITING
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def cached(self) -> int:
+        """Tokens in this sequence's KV slot: the prompt and every generated token but the last."""
+        return len(self.request.prompt) + max(len(self.generated) - 1, 0)
+
+
+def make_sequences(request: Request, tokenizer, vocab: int) -> list[Sequence]:
+    """One sequence per choice. A seeded choice 0 draws exactly what CPMGenerator draws for the
+    same seed; choice j > 0 gets its own stream, so choices differ yet stay reproducible."""
+    cfg, seqs = request.sampling, []
+    for j in range(request.n):
+        seed = cfg.seed if j == 0 or cfg.seed is None else [cfg.seed, j]
+        seen = None
+        if cfg.repetition_penalty != 1.0:
+            seen = np.zeros(vocab, bool)
+            seen[request.prompt] = True
+        seqs.append(Sequence(request, j, np.random.default_rng(seed), TextStream(tokenizer, cfg.stop), seen))
+    request.sequences = seqs
+    return seqs

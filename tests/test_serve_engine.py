@@ -1,0 +1,157 @@
+"""The continuous-batching engine on the briefly trained tiny model: batching never changes results,
+requests join and leave the running batch, and faults stay with the request that caused them."""
+
+import queue
+import threading
+import time
+
+import pytest
+
+from conftest import corpus_lines
+from cpm_deploy.runtime import CPMGenerator
+from cpm_deploy.serve import Engine, EngineError, QueueFull, RequestError
+
+PROMPTS = [line[:5] for line in corpus_lines(40)[20:36]]  # headline starts: the model continues them
+
+
+@pytest.fixture(scope="module")
+def engine(trained_bundle):
+    with Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=8, max_queue=64) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def endless(trained_bundle):
+    """An engine whose sequences never end at <eod>: they run to max_tokens unless stopped."""
+    with Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=4) as e:
+        e.generator.eod_id = -1
+        yield e
+
+
+def alone(gen, prompt, n_new, **sampling):
+    return gen(prompt, max_new_tokens=n_new, **sampling)[0]["generated_text"][len(prompt):]
+
+
+def run_concurrently(engine, calls):
+    """Each call (prompt, max_new, sampling) from its own thread at once; results in call order."""
+    out = [None] * len(calls)
+
+    def work(i, prompt, n_new, sampling):
+        out[i] = engine.complete(prompt, n_new, **sampling)[0]["text"]
+
+    threads = [threading.Thread(target=work, args=(i, *c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_greedy_under_load_equals_alone(engine, trained_generator):
+    calls = [(p, 6 + 3 * (i % 5), {}) for i, p in enumerate(PROMPTS)]  # 16 requests for 8 slots, mixed lengths
+    want = [alone(trained_generator, p, n) for p, n, _ in calls]
+    assert run_concurrently(engine, calls) == want
+    assert engine.metrics.running._value.get() == 0 and not engine.rows
+
+
+def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(engine, trained_generator):
+    sampled = {"do_sample": True, "top_p": 0.9, "temperature": 0.8, "seed": 7}
+    target = (PROMPTS[0], 12, sampled)
+    noise = [(p, 5 + i, {"do_sample": True}) for i, p in enumerate(PROMPTS[1:7])]  # unseeded neighbours
+    first = run_concurrently(engine, [target] + noise)[0]
+    second = run_concurrently(engine, noise[:3] + [target])[3]
+    assert first == second == alone(trained_generator, PROMPTS[0], 12, **sampled)
+
+
+def test_n_choices_differ_and_repeat_with_the_seed(engine):
+    a = engine.complete(PROMPTS[1], 10, n=3, do_sample=True, seed=3)
+    assert a == engine.complete(PROMPTS[1], 10, n=3, do_sample=True, seed=3)
+    assert len({c["text"] for c in a}) > 1
+
+
+def test_stop_strings_and_finish_reasons(engine, trained_generator):
+    full = alone(trained_generator, PROMPTS[2], 12)
+    stop = full[3:5]
+    out = engine.complete(PROMPTS[2], 12, stop=[stop])[0]
+    assert out == {**out, "text": full[:full.index(stop)], "finish_reason": "stop"}
+    assert engine.complete(PROMPTS[2], 3)[0]["finish_reason"] == "length"
+
+
+def test_a_request_joins_a_running_batch_without_waiting(endless):
+    events = queue.Queue()
+    long = endless.submit(endless.make_request(PROMPTS[3], 120, sink=events.put))
+    while events.get(timeout=10).kind != "token":
+        pass
+    short = endless.complete(PROMPTS[4], 2)  # joins at the next step, leaves two steps later
+    assert short[0]["tokens"] == 2 and not long.finished
+    while not long.finished:
+        time.sleep(0.01)
+    assert len(long.sequences[0].generated) == 120
+
+
+def test_cancelled_and_timed_out_requests_free_their_slots(endless):
+    engine = endless
+    events = queue.Queue()
+    r = engine.submit(engine.make_request(PROMPTS[5], 100, sink=events.put))
+    events.get(timeout=10)
+    r.cancel()
+    while (ev := events.get(timeout=10)).kind != "finish":
+        pass
+    assert ev.reason == "cancelled"
+    slow = engine.submit(engine.make_request(PROMPTS[6], 100, timeout_s=1e-4, sink=events.put))
+    while (ev := events.get(timeout=10)).kind != "finish":
+        pass
+    assert ev.reason == "timeout" and slow.finished
+    deadline = time.time() + 5
+    while engine.rows and time.time() < deadline:
+        time.sleep(0.01)
+    assert not engine.rows
+
+
+def test_bad_requests_are_refused_before_they_queue(engine):
+    for kwargs, match in [({"max_new_tokens": 0}, "max_tokens"), ({"max_new_tokens": 500}, "positions"),
+                          ({"max_new_tokens": 4, "n": 9}, "n must be"), ({"max_new_tokens": 4, "top_p": 2.0}, "top_p")]:
+        with pytest.raises(RequestError, match=match):
+            engine.make_request(PROMPTS[0], **kwargs)
+    with pytest.raises(RequestError, match="surrogate"):
+        engine.make_request("\ud800", 4)
+
+
+def test_a_failing_step_fails_only_its_requests(trained_bundle, trained_generator):
+    poison = trained_generator.tokenizer.encode("股市")[0]
+    with Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=4) as e:
+        real = e.decoder.run_prefill
+
+        def run_prefill(rows, past, pad_id=0):
+            if any(poison in r for r in rows):
+                raise RuntimeError("injected failure")
+            return real(rows, past, pad_id)
+
+        e.decoder.run_prefill = run_prefill
+        events = queue.Queue()
+        ok = e.submit(e.make_request(PROMPTS[7], 30, sink=events.put))
+        events.get(timeout=10)
+        with pytest.raises(EngineError, match="injected failure"):
+            e.complete("股市", 4)
+        while not ok.finished:
+            time.sleep(0.01)
+        assert ok.sequences[0].finish_reason == "length" and len(ok.sequences[0].generated) == 30
+        assert e.complete(PROMPTS[8], 3)[0]["tokens"] == 3
+
+
+def test_a_full_queue_refuses_at_once(trained_bundle):
+    e = Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=1, max_queue=2)  # not started
+    for _ in range(2):
+        e.submit(e.make_request(PROMPTS[0], 4))
+    with pytest.raises(QueueFull):
+        e.submit(e.make_request(PROMPTS[0], 4))
+    e.start()
+    e.shutdown(drain_s=10)
+    assert not e.waiting and not e.rows
+    with pytest.raises(EngineError, match="shutting down"):
+        e.submit(e.make_request(PROMPTS[0], 4))
+
+
+def test_the_concatenating_graph_is_refused(trained_bundle):
+    with pytest.raises(EngineError, match="shared-KV graph"):
+        Engine(CPMGenerator.from_bundle(trained_bundle, variant="decoder_last"))
