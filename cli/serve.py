@@ -52,9 +52,7 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, threads, ti
     setup_logging(verbose)
     logging.getLogger("cpm_deploy.serve").setLevel(logging.INFO)  # startup and failures, one line each
     try:
-        import uvicorn
-
-        from ..serve.app import ServerConfig, create_app
+        from ..serve.app import ServerConfig, run
     except ImportError as e:
         raise click.ClickException(f"serving needs the [serve] extra (pip install 'cpm-deploy[serve]'): {e}") from None
     from ..runtime import BundleError, Bundle
@@ -65,8 +63,7 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, threads, ti
         click.echo(f"warning: listening on {host}: the server has no authentication", err=True)
     config = ServerConfig(bundle, graph, threads, max_batch, max_queue, max_total, timeout_s, drain_s, model_name,
                           not no_verify)
-    uvicorn.run(create_app(config), host=host, port=port, log_level="info" if verbose else "warning",
-                timeout_graceful_shutdown=drain_s, access_log=verbose)
+    run(config, host, port, verbose)
 
 
 def _is_loopback(host: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,3 +68,24 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     app = FastAPI(title="cpm-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.include_router(build_router(lambda: state["engine"], config.name, config.timeout_s, lambda: state["error"]))
     return app
+
+
+def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False) -> None:
+    """Serve until SIGTERM or Ctrl-C, then drain and return (the process exits 0)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the signal after its shutdown (the process would die of SIGTERM);
+            # a server told to stop that stopped cleanly exits 0
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    uv = uvicorn.Config(create_app(config), host=host, port=port, log_level="info" if verbose else "warning",
+                        timeout_graceful_shutdown=config.drain_s, access_log=verbose)
+    Server(uv).run()

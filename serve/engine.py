@@ -116,8 +116,14 @@ class Engine:
                 for i in range(n)]
 
     # -- lifecycle --------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Pay the first-call costs (jieba's dictionary, onnxruntime's first run) before requests do."""
+        ids = self.encode("清华大学")
+        self.decoder.run_prefill([ids], self.pool.views(0, 1), self.tokenizer.pad_id)
+
     def start(self) -> "Engine":
         if self._thread is None:
+            self.warm_up()
             self._thread = threading.Thread(target=self._loop, name="cpm-engine", daemon=True)
             self._thread.start()
         return self

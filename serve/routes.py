@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
@@ -63,11 +64,15 @@ def build_router(get_engine: Callable[[], Engine | None], model_name: str, timeo
         if body.model not in (None, model_name):
             return _error(404, f"model {body.model!r} is not served here; it serves {model_name!r}", param="model")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        try:
+
+        def make_requests():  # tokenizing (jieba) takes milliseconds: not on the event loop
             sampling = body.sampling()
-            requests = [engine.make_request(p, body.max_tokens or 16, body.n or 1, timeout_s,
-                                            sink=lambda ev, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, ev)),
-                                            **sampling) for k, p in enumerate(body.prompts())]
+            return [engine.make_request(p, body.max_tokens or 16, body.n or 1, timeout_s,
+                                        sink=lambda ev, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, ev)),
+                                        **sampling) for k, p in enumerate(body.prompts())]
+
+        try:
+            requests = await run_in_threadpool(make_requests)
         except (RequestError, ValueError) as e:
             return _error(400, str(e))
         try:

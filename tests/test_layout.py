@@ -1,0 +1,39 @@
+"""The layout's promises: the runtime and serving never import exporter/ or optimize/ (nor torch)."""
+
+import subprocess
+import sys
+
+CODE = """
+import importlib, pkgutil, sys
+leaks = []
+for root in ("cpm_deploy.runtime", "cpm_deploy.serve"):
+    pkg = importlib.import_module(root)
+    for info in pkgutil.walk_packages(pkg.__path__, root + "."):
+        if info.name.endswith("ray_app"):
+            continue  # needs Ray; checked below by reading its imports
+        importlib.import_module(info.name)
+bad = sorted(m for m in sys.modules if m.startswith(("cpm_deploy.exporter", "cpm_deploy.optimize")) or m == "torch")
+print(bad)
+"""
+
+
+def test_runtime_and_serving_import_no_exporter_optimize_or_torch():
+    out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_module_of_runtime_or_serve_imports_exporter_or_optimize():
+    """Read, not run: covers modules the first test cannot import (ray_app without Ray)."""
+    import ast
+
+    from conftest import ROOT
+
+    for folder in ("runtime", "serve"):
+        for path in (ROOT / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                for name in names:
+                    parts = name.split(".")
+                    assert "exporter" not in parts and "optimize" not in parts and parts[0] != "torch", (path, name)

@@ -1,0 +1,208 @@
+"""cpm-serve as a real process on loopback, driven by the official openai client and by httpx."""
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import corpus_lines
+from serve_helpers import metric, serve_in_thread, serve_process
+
+PROMPTS = [line[:5] for line in corpus_lines(60)[40:56]]
+
+
+@pytest.fixture(scope="module")
+def trained_server(trained_bundle):
+    with serve_process(trained_bundle, "-g", "cpu-fp32", "-t", "1", "--max-batch", "4") as (_, base):
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(trained_server):
+    return openai.OpenAI(base_url=f"{trained_server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def busy_server(tiny_bundle):
+    """Random weights (sequences rarely end early: 1000 tokens take about a second), one slot, one
+    queue place."""
+    with serve_process(tiny_bundle, "-g", "cpu-fp32", "-t", "1", "--max-batch", "1", "--max-queue", "1") as (_, base):
+        yield base
+
+
+def alone(gen, prompt, n):
+    return gen(prompt, max_new_tokens=n)[0]["generated_text"][len(prompt):]
+
+
+def test_routes_answer_like_openai(trained_server, client):
+    assert httpx.get(f"{trained_server}/health").json()["status"] == "ready"
+    assert [m.id for m in client.models.list().data] == ["bundle"]
+    text = httpx.get(f"{trained_server}/metrics").text
+    for name in ("cpm_queue_depth", "cpm_running_sequences", "cpm_generated_tokens_total",
+                 "cpm_time_to_first_token_seconds_bucket", "cpm_inter_token_latency_seconds_bucket"):
+        assert name in text
+
+
+def test_openai_client_greedy_equals_the_runtime_alone(client, trained_generator):
+    for prompt in PROMPTS[:3]:
+        r = client.completions.create(model="bundle", prompt=prompt, max_tokens=12, temperature=0)
+        assert r.choices[0].text == alone(trained_generator, prompt, 12)
+        assert r.usage.prompt_tokens == len(trained_generator.tokenizer.encode(prompt))
+        assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_client_streams_the_same_text_with_usage_last(client):
+    plain = client.completions.create(model="bundle", prompt=PROMPTS[3], max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model="bundle", prompt=PROMPTS[3], max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_greedy_under_concurrent_load_equals_alone(client, trained_generator):
+    want = {p: alone(trained_generator, p, 8) for p in PROMPTS}
+    got = {}
+
+    def call(p):
+        got[p] = client.completions.create(model="bundle", prompt=p, max_tokens=8, temperature=0).choices[0].text
+
+    threads = [threading.Thread(target=call, args=(p,)) for p in PROMPTS]  # 16 clients, 4 slots
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert got == want
+
+
+def test_prompt_lists_n_seed_stop_and_extra_fields_over_httpx(trained_server):
+    body = {"prompt": PROMPTS[:2], "max_tokens": 8, "n": 2, "temperature": 0.9, "seed": 5, "top_k": 20,
+            "repetition_penalty": 1.2}
+    a = httpx.post(f"{trained_server}/v1/completions", json=body, timeout=60).json()
+    assert [c["index"] for c in a["choices"]] == [0, 1, 2, 3]
+    assert a == {**httpx.post(f"{trained_server}/v1/completions", json=body, timeout=60).json(), "id": a["id"],
+                 "created": a["created"]}  # seeded: the same choices again
+    full = httpx.post(f"{trained_server}/v1/completions", json={"prompt": PROMPTS[4], "max_tokens": 12, "temperature": 0}).json()
+    text = full["choices"][0]["text"]
+    if len(text) >= 4:
+        cut = httpx.post(f"{trained_server}/v1/completions", json={"prompt": PROMPTS[4], "max_tokens": 12, "temperature": 0,
+                                                                    "stop": [text[2:4]]}).json()["choices"][0]
+        assert (cut["text"], cut["finish_reason"]) == (text[:text.index(text[2:4])], "stop")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "清华", "n": 0}, "n"),
+    ({"prompt": "清华", "max_tokens": 2000}, None),
+    ({"prompt": "清华" * 400, "max_tokens": 4}, None),
+    ({"prompt": "清华", "top_p": 1.5}, "top_p"),
+    ({"prompt": "清华", "max_tokens": "x"}, "max_tokens"),
+    ({"prompt": "清华", "temperature": "hot"}, "temperature"),
+    ({"prompt": []}, "prompt"),
+    ({"max_tokens": 3}, "prompt"),
+    ({"prompt": "清华", "logprobs": 2}, "logprobs"),
+])
+def test_bad_requests_get_openai_shaped_400s_and_disturb_nothing(trained_server, client, body, param):
+    stream = client.completions.create(model="bundle", prompt=PROMPTS[5], max_tokens=10, temperature=0, stream=True)
+    r = httpx.post(f"{trained_server}/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"] and (param is None or err["param"] == param)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == client.completions.create(
+        model="bundle", prompt=PROMPTS[5], max_tokens=10, temperature=0).choices[0].text
+    assert httpx.post(f"{trained_server}/v1/completions", content=b"{not json").status_code == 400
+
+
+def test_a_full_queue_answers_429_at_once(busy_server):
+    with httpx.Client(base_url=busy_server, timeout=30) as http, \
+            http.stream("POST", "/v1/completions", json={"prompt": "清华", "max_tokens": 1000, "stream": True}) as running:
+        lines = running.iter_lines()  # held: a dropped iterator closes the connection
+        next(lines)  # decoding: the only slot is taken
+        waiting = threading.Thread(target=lambda: httpx.post(f"{busy_server}/v1/completions",
+                                                             json={"prompt": "清华", "max_tokens": 5}, timeout=30))
+        waiting.start()
+        time.sleep(0.2)  # queued: the only queue place is taken
+        t0 = time.perf_counter()
+        r = http.post("/v1/completions", json={"prompt": "清华", "max_tokens": 5})
+        assert r.status_code == 429 and r.headers["Retry-After"] == "1" and time.perf_counter() - t0 < 1
+        assert r.json()["error"]["type"] == "rate_limit_error"
+    waiting.join(30)
+
+
+def test_a_request_past_its_timeout_gets_504(tiny_bundle):
+    with serve_process(tiny_bundle, "-g", "cpu-fp32", "-t", "1", "--timeout", "0.3") as (_, base):
+        t0 = time.perf_counter()
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "清华", "max_tokens": 1000}, timeout=30)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout" and time.perf_counter() - t0 < 1
+        s = httpx.post(f"{base}/v1/completions", json={"prompt": "清华", "max_tokens": 1000, "stream": True}, timeout=30)
+        assert "timed out" in json.loads(s.text.strip().rsplit("data: ", 1)[1])["error"]["message"]
+        assert metric(base, "cpm_running_sequences") == 0
+
+
+def test_a_disconnected_client_frees_its_slot(busy_server):
+    before = metric(busy_server, "cpm_requests_total", 'outcome="cancelled"')
+    with httpx.stream("POST", f"{busy_server}/v1/completions", json={"prompt": "清华", "max_tokens": 1000,
+                                                                      "stream": True}, timeout=30) as s:
+        lines = s.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.time() + 1.0  # well before the 1000 tokens could finish
+    while metric(busy_server, "cpm_requests_total", 'outcome="cancelled"') == before and time.time() < deadline:
+        time.sleep(0.02)
+    assert metric(busy_server, "cpm_requests_total", 'outcome="cancelled"') == before + 1
+    assert metric(busy_server, "cpm_running_sequences") == 0
+    ok = httpx.post(f"{busy_server}/v1/completions", json={"prompt": "清华", "max_tokens": 3}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_an_internal_error_fails_its_request_with_500_and_serving_goes_on(trained_bundle, trained_generator):
+    from cpm_deploy.serve.app import ServerConfig, create_app
+    from cpm_deploy.serve.engine import Engine
+
+    engine = Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=4).start()
+    poison = trained_generator.tokenizer.encode("股市")[0]
+    real = engine.decoder.run_prefill
+    engine.decoder.run_prefill = lambda rows, past, pad=0: (
+        (_ for _ in ()).throw(RuntimeError("injected")) if any(poison in r for r in rows) else real(rows, past, pad))
+    with serve_in_thread(create_app(ServerConfig(trained_bundle, model_name="m"), engine)) as base:
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "股市", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 500 and "injected" in r.json()["error"]["message"]
+        s = httpx.post(f"{base}/v1/completions", json={"prompt": "股市", "max_tokens": 3, "stream": True}, timeout=30)
+        assert s.status_code == 200 and "injected" in json.loads(s.text.split("data: ", 1)[1])["error"]["message"]
+        ok = httpx.post(f"{base}/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 3}, timeout=30)
+        assert ok.status_code == 200
+
+
+def test_health_says_loading_until_the_bundle_is_loaded(trained_bundle, monkeypatch):
+    from cpm_deploy.serve.app import ServerConfig, create_app
+
+    gate = threading.Event()
+    real = ServerConfig.load
+    monkeypatch.setattr(ServerConfig, "load", lambda self: (gate.wait(30), real(self))[1])
+    with serve_in_thread(create_app(ServerConfig(trained_bundle, graph="cpu-fp32")), ready=False) as base:
+        h = httpx.get(f"{base}/health")
+        assert h.status_code == 503 and h.json()["status"] == "loading"
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "清华", "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        gate.set()
+        deadline = time.time() + 30
+        while httpx.get(f"{base}/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": "清华", "max_tokens": 2}).status_code == 200
+
+
+def test_sigterm_finishes_open_streams_and_exits_0(tiny_bundle):
+    with serve_process(tiny_bundle, "-g", "cpu-fp32", "-t", "1", "--drain", "20") as (proc, base):
+        with httpx.stream("POST", f"{base}/v1/completions", json={"prompt": "清华", "max_tokens": 300, "stream": True},
+                          timeout=60) as s:
+            lines = s.iter_lines()
+            assert next(lines).startswith("data: ")
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] in ("length", "stop")
+        assert proc.wait(30) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{base}/health", timeout=2)
