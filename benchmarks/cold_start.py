@@ -5,7 +5,8 @@ Steps (each skipped when its output exists in --workdir):
   2. `full`: cpm-export -P int4 -P int8 (standard graphs kept: the default);
   3. `slim`: cpm-export -P int4 --variants-only.
 Then `cpm-run BUNDLE 清华大学 -n 16 -g cpu-int4` is timed as a new process, with the page cache
-dropped before each run when this user may (root on Linux), in three states:
+dropped before the run when this user may (root on Linux; the files then come from disk) and
+without (warm: from memory), in three states:
   baseline   - an older cpm-deploy (--baseline-src, a checkout) that hashed every bundle file;
   first run  - this version, no verification record yet (hashes the int4 graph's files only);
   later runs - this version, record present (hashes nothing unchanged).
@@ -49,8 +50,8 @@ def size_gb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e9
 
 
-def timed_run(bundle: Path, env: dict) -> tuple[float, bool]:
-    cold = drop_page_cache()
+def timed_run(bundle: Path, env: dict, cold: bool = True) -> tuple[float, bool]:
+    cold = drop_page_cache() if cold else False
     return sh(str(BIN / "cpm-run"), str(bundle), *RUN, env=env), cold
 
 
@@ -81,8 +82,8 @@ def main() -> None:
         (shim / "cpm_deploy").symlink_to(args.baseline_src.resolve())
         base_env = dict(env, PYTHONPATH=str(shim))
         code = "from cpm_deploy.cli.run import main; main()"
-        for _ in range(args.repeats):
-            cold = drop_page_cache()
+        for warm in [False] * args.repeats + [True] * args.repeats:
+            cold = False if warm else drop_page_cache()
             t = sh(sys.executable, "-c", code, str(full), *RUN, env=base_env)
             rows.append({"state": "baseline (hashes every file)", "bundle": "full", "seconds": t, "page_cache_dropped": cold})
     for bundle_name, bundle in (("full", full), ("slim", slim)):
@@ -90,8 +91,8 @@ def main() -> None:
         cache.mkdir()
         t, cold = timed_run(bundle, env)
         rows.append({"state": "first run (graph's files hashed)", "bundle": bundle_name, "seconds": t, "page_cache_dropped": cold})
-        for _ in range(args.repeats):
-            t, cold = timed_run(bundle, env)
+        for warm in [False] * args.repeats + [True] * args.repeats:
+            t, cold = timed_run(bundle, env, cold=not warm)
             rows.append({"state": "later run (record, no hashing)", "bundle": bundle_name, "seconds": t,
                          "page_cache_dropped": cold})
     sizes = {"full_gb": round(size_gb(full), 2), "slim_gb": round(size_gb(slim), 2)}

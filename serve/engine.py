@@ -128,6 +128,10 @@ class Engine:
             self._thread.start()
         return self
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def shutdown(self, drain_s: float = 10.0) -> None:
         """Stop accepting; let running and waiting requests finish for up to ``drain_s``; cancel the rest."""
         with self._cv:

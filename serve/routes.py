@@ -4,8 +4,8 @@ The same router serves under uvicorn (``serve.app``) and inside Ray Serve replic
 (``serve.ray_app``); it finds its engine through ``get_engine`` (None while loading).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads these signatures, and in a Ray replica the
+# route functions arrive pickled by value, without the module globals a string annotation needs.
 import asyncio
 import json
 from collections.abc import Callable
@@ -29,14 +29,18 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
     return JSONResponse(error_body(message, type_, param), status_code=status, headers=headers)
 
 
-def build_router(get_engine: Callable[[], Engine | None], model_name: str, timeout_s: float | None = None,
+def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | Callable[[], str]",
+                 timeout_s: "float | None | Callable[[], float | None]" = None,
                  load_error: Callable[[], str | None] = lambda: None) -> APIRouter:
+    """``model_name`` and ``timeout_s`` may be callables: a Ray replica learns them only when it starts."""
     router = APIRouter()
+    name_of = model_name if callable(model_name) else (lambda: model_name)
+    timeout_of = timeout_s if callable(timeout_s) else (lambda: timeout_s)
 
     @router.get("/health")
     async def health():
         if get_engine() is not None:
-            return {"status": "ready", "model": model_name}
+            return {"status": "ready", "model": name_of()}
         failed = load_error()
         return JSONResponse({"status": "failed" if failed else "loading", "error": failed}, status_code=503)
 
@@ -47,7 +51,7 @@ def build_router(get_engine: Callable[[], Engine | None], model_name: str, timeo
 
     @router.get("/v1/models")
     async def models():
-        return models_list(model_name)
+        return models_list(name_of())
 
     @router.post("/v1/completions")
     async def completions(http: Request):
@@ -61,13 +65,14 @@ def build_router(get_engine: Callable[[], Engine | None], model_name: str, timeo
             return JSONResponse(validation_error_body(e), status_code=400)
         if (field := body.unsupported()) is not None:
             return _error(400, f"{field} is not supported by this server", param=field)
+        model_name = name_of()
         if body.model not in (None, model_name):
             return _error(404, f"model {body.model!r} is not served here; it serves {model_name!r}", param="model")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def make_requests():  # tokenizing (jieba) takes milliseconds: not on the event loop
             sampling = body.sampling()
-            return [engine.make_request(p, body.max_tokens or 16, body.n or 1, timeout_s,
+            return [engine.make_request(p, body.max_tokens or 16, body.n or 1, timeout_of(),
                                         sink=lambda ev, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, ev)),
                                         **sampling) for k, p in enumerate(body.prompts())]
 

@@ -1,0 +1,214 @@
+"""cpm-serve under load, against the runtime called the two ways a user would without it.
+
+For each graph (CPM-Small shape, random weights; fp32 and int8) and each client count C:
+  serve    - cpm-serve (a separate process, all cores), C concurrent streaming clients (httpx),
+             each sending one headline and reading 64 new tokens (greedy);
+  threads  - (a) one CPMGenerator in this process, one thread per request, streaming;
+  offline  - (b) the same C prompts as ONE batched generate call.
+Reported: aggregate tokens/s, time to first token p50/p95, inter-token latency p50/p95, and
+the ratios the goals name (serve vs threads and vs offline at each C; TTFT at C vs one client).
+--llama-server URL adds a running llama-server (OpenAI routes, same weights as GGUF) as a row.
+
+    python benchmarks/serve_load.py --workdir /tmp/serve-load [--clients 1 4 16 64]
+Prints a table and writes benchmarks/out/serve_load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+NEW_TOKENS = 64
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+def summary(kind: str, graph: str, clients: int, wall: float, tokens: int, ttft: list[float], itl: list[float]) -> dict:
+    return {"system": kind, "graph": graph, "clients": clients, "tokens": tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": round(1000 * pct(ttft, 0.5), 1),
+            "ttft_p95_ms": round(1000 * pct(ttft, 0.95), 1), "itl_p50_ms": round(1000 * pct(itl, 0.5), 1),
+            "itl_p95_ms": round(1000 * pct(itl, 0.95), 1)}
+
+
+async def _client(http, url: str, model: str, prompt: str, out: list) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    stamps, tokens = [], 0
+    async with http.stream("POST", url, json=body) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                stamps.append(time.perf_counter())
+    out.append((t0, stamps, tokens))
+
+
+def run_http(base: str, model: str, prompts: list[str], kind: str, graph: str) -> dict:
+    import httpx
+
+    async def main():
+        out = []
+        limits = httpx.Limits(max_connections=len(prompts) + 4)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+            t0 = time.perf_counter()
+            await asyncio.gather(*[_client(http, f"{base}/v1/completions", model, p, out) for p in prompts])
+            return time.perf_counter() - t0, out
+
+    wall, out = asyncio.run(main())
+    ttft = [s[0] - t0 for t0, s, _ in out if s]
+    itl = [b - a for _, s, _ in out for a, b in zip(s, s[1:])]
+    return summary(kind, graph, len(prompts), wall, sum(n for *_, n in out), ttft, itl)
+
+
+def run_threads(gen, prompts: list[str], graph: str) -> dict:
+    out = []
+
+    def one(p):
+        t0, stamps = time.perf_counter(), []
+        for _ in gen.stream(p, max_new_tokens=NEW_TOKENS):
+            stamps.append(time.perf_counter())
+        out.append((t0, stamps))
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttft = [s[0] - a for a, s in out if s]
+    itl = [b - a for _, s in out for a, b in zip(s, s[1:])]
+    return summary("threads (a)", graph, len(prompts), wall, NEW_TOKENS * len(prompts), ttft, itl)
+
+
+def run_offline(gen, prompts: list[str], graph: str) -> dict:
+    from cpm_deploy.runtime import SamplingConfig
+
+    ids = [gen.tokenizer.encode(p) for p in prompts]
+    t0, stamps = time.perf_counter(), []
+    for _ in gen.iter_ids(ids, NEW_TOKENS, 1, SamplingConfig()):
+        stamps.append(time.perf_counter())
+    wall = time.perf_counter() - t0
+    return summary("offline batch (b)", graph, len(prompts), wall, NEW_TOKENS * len(prompts), [stamps[0] - t0],
+                   [b - a for a, b in zip(stamps, stamps[1:])])
+
+
+def start_server(bundle: Path, graph: str, port: int, max_batch: int, threads: int) -> subprocess.Popen:
+    import httpx
+
+    cmd = [str(Path(sys.executable).parent / "cpm-serve"), str(bundle), "-g", graph, "--port", str(port),
+           "--max-batch", str(max_batch), "--max-queue", "256", "--max-total", "160", "-t", str(threads), "--no-verify"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("cpm-serve did not become ready")
+
+
+def ensure_bundle(workdir: Path) -> Path:
+    from cpm_deploy.exporter import ExportOptions, export_bundle
+    from cpm_deploy.exporter.checkpoint_tools import write_random_checkpoint
+    from cpm_deploy.exporter.config import CPMConfig
+    from cpm_deploy.runtime.tokenizer import DEFAULT_VOCAB
+
+    bundle = workdir / "small-bundle"
+    if not bundle.exists():
+        write_random_checkpoint(CPMConfig.from_preset("small"), workdir / "small-ckpt", seed=0, tokenizer=DEFAULT_VOCAB,
+                                overwrite=True)
+        export_bundle(workdir / "small-ckpt", bundle, ExportOptions(variants=(("cpu", "fp32"), ("cpu", "int8"))))
+    return bundle
+
+
+def headlines(n: int) -> list[str]:
+    corpus = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "tnews-headlines.txt"
+    lines = corpus.read_text(encoding="utf-8").splitlines() if corpus.is_file() else ["清华大学是中国著名的高等学府"]
+    return [lines[i % len(lines)][:24] for i in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--graphs", nargs="+", default=["cpu-fp32", "cpu-int8"])
+    ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--port", type=int, default=8179)
+    ap.add_argument("--llama-server", help="base URL of a running llama-server to load the same way (optional)")
+    ap.add_argument("--llama-label", default="llama-server")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "serve_load.json")
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    bundle = ensure_bundle(args.workdir)
+
+    from cpm_deploy.runtime import CPMGenerator
+
+    rows = []
+    for graph in args.graphs:
+        proc = start_server(bundle, graph, args.port, args.max_batch, args.threads)
+        try:
+            base = f"http://127.0.0.1:{args.port}"
+            run_http(base, bundle.name, headlines(2), "warm-up", graph)
+            for c in args.clients:
+                rows.append(run_http(base, bundle.name, headlines(c), "cpm-serve", graph))
+                print(rows[-1], flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        gen = CPMGenerator.from_bundle(bundle, variant=graph, threads=args.threads, verify=False)
+        gen.eod_id = -1  # exactly 64 tokens each, as the server's random-weight runs produce
+        run_offline(gen, headlines(2), graph)
+        for c in args.clients:
+            rows.append(run_threads(gen, headlines(c), graph))
+            print(rows[-1], flush=True)
+            rows.append(run_offline(gen, headlines(c), graph))
+            print(rows[-1], flush=True)
+    if args.llama_server:
+        for c in args.clients:
+            rows.append(run_http(args.llama_server, "model", headlines(c), args.llama_label, "gguf"))
+            print(rows[-1], flush=True)
+    report(rows, args.out)
+
+
+def report(rows: list[dict], out: Path) -> None:
+    print(f"\n{'system':<20}{'graph':<10}{'C':>4}{'tok/s':>9}{'TTFT p50':>10}{'p95':>8}{'ITL p50':>9}{'p95':>8}")
+    for r in rows:
+        print(f"{r['system']:<20}{r['graph']:<10}{r['clients']:>4}{r['tokens_per_s']:>9.1f}{r['ttft_p50_ms']:>10.0f}"
+              f"{r['ttft_p95_ms']:>8.0f}{r['itl_p50_ms']:>9.1f}{r['itl_p95_ms']:>8.1f}")
+    ratios = []
+    for r in (r for r in rows if r["system"] == "cpm-serve"):
+        same = {x["system"]: x for x in rows if x["graph"] == r["graph"] and x["clients"] == r["clients"]}
+        idle = next(x for x in rows if x["system"] == "cpm-serve" and x["graph"] == r["graph"] and x["clients"] == min(
+            y["clients"] for y in rows if y["system"] == "cpm-serve"))
+        ratios.append({"graph": r["graph"], "clients": r["clients"],
+                       "vs_threads": round(r["tokens_per_s"] / same["threads (a)"]["tokens_per_s"], 2),
+                       "vs_offline": round(r["tokens_per_s"] / same["offline batch (b)"]["tokens_per_s"], 2),
+                       "ttft_vs_idle": round(r["ttft_p50_ms"] / idle["ttft_p50_ms"], 2)})
+    print(f"\n{'graph':<10}{'C':>4}{'serve/threads':>15}{'serve/offline':>15}{'TTFT/idle':>11}")
+    for x in ratios:
+        print(f"{x['graph']:<10}{x['clients']:>4}{x['vs_threads']:>15.2f}{x['vs_offline']:>15.2f}{x['ttft_vs_idle']:>11.2f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"new_tokens": NEW_TOKENS, "rows": rows, "ratios": ratios,
+                               "median_itl_ms": statistics.median([r["itl_p50_ms"] for r in rows])}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

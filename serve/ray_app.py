@@ -1,0 +1,114 @@
+"""cpm-serve's engine and routes as a Ray Serve application: replicas across a Ray cluster, the
+same OpenAI routes through Ray's HTTP proxy, autoscaling on ongoing requests.
+
+    serve run cpm_deploy.serve.ray_app:build_app bundle=/data/cpm-bundle graph=cpu-int8 num_replicas=2
+    serve deploy serve_config.yaml      # import_path: cpm_deploy.serve.ray_app:build_app
+
+Each replica loads the bundle itself (every node needs it at the same path, or on shared storage)
+and runs one continuous-batching engine; Ray's router spreads requests over replicas. Arguments
+(all strings on the command line) are validated by ``RayServeArgs``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+import ray
+from ray import serve
+
+from .app import ServerConfig
+from .routes import build_router
+
+_replica: dict = {}  # this process's engine and settings (each replica is its own process)
+
+
+# Named module-level functions, not lambdas: Ray pickles the app by value, and only functions it can
+# import by name keep pointing at this module's _replica inside a replica.
+def _engine():
+    return _replica.get("engine")
+
+
+def _name() -> str:
+    return _replica.get("name", "cpm")
+
+
+def _timeout():
+    return _replica.get("timeout_s")
+
+
+def _start(args: "RayServeArgs") -> None:
+    config = args.server_config()
+    _replica.update(engine=config.load(), name=config.name, timeout_s=config.timeout_s)
+
+
+def _stop() -> None:
+    if (engine := _replica.pop("engine", None)) is not None:
+        engine.shutdown(drain_s=10)
+
+
+api = FastAPI(title="cpm-serve on Ray", docs_url=None, redoc_url=None)
+api.include_router(build_router(_engine, _name, _timeout))
+
+
+@api.middleware("http")
+async def replica_header(request: Request, call_next):
+    """Which replica answered (Ray node, host, pid): shows the spread across replicas and nodes."""
+    response = await call_next(request)
+    node = ray.get_runtime_context().get_node_id()[:12]
+    response.headers["x-cpm-replica"] = f"{node}:{socket.gethostname()}:{os.getpid()}"
+    return response
+
+
+class RayServeArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bundle: str
+    graph: str | None = None
+    model_name: str | None = None
+    threads: int | None = Field(None, ge=1)
+    max_batch: int = Field(16, ge=1)
+    max_queue: int = Field(64, ge=0)
+    max_total: int | None = Field(None, ge=2)
+    timeout_s: float = Field(300.0, gt=0)
+    num_replicas: int | None = Field(None, ge=1)
+    min_replicas: int | None = Field(None, ge=0)
+    max_replicas: int | None = Field(None, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+
+    def server_config(self) -> ServerConfig:
+        return ServerConfig(bundle=self.bundle, graph=self.graph, threads=self.threads or max(1, int(self.num_cpus)),
+                            max_batch=self.max_batch, max_queue=self.max_queue, max_total=self.max_total,
+                            timeout_s=self.timeout_s, model_name=self.model_name)
+
+
+@serve.deployment(name="cpm", health_check_period_s=5, graceful_shutdown_timeout_s=20)
+@serve.ingress(api)
+class CPMServer:
+    # the class travels to replicas pickled by value: it reaches the module state only through
+    # the module's named functions
+    def __init__(self, args: RayServeArgs):
+        _start(args)
+
+    def check_health(self) -> None:
+        engine = _engine()
+        if engine is None or not engine.running:
+            raise RuntimeError("the engine is not running")
+
+    def __del__(self):
+        _stop()
+
+
+def build_app(args: dict) -> serve.Application:
+    """Application builder for ``serve run`` / a Serve config file's ``import_path``."""
+    a = RayServeArgs.model_validate(args)
+    options = {"ray_actor_options": {"num_cpus": a.num_cpus},
+               # a replica takes its batch plus its queue; Ray holds the rest back
+               "max_ongoing_requests": a.max_batch + a.max_queue}
+    if a.min_replicas is not None or a.max_replicas is not None:
+        options["autoscaling_config"] = {"min_replicas": a.min_replicas or 1, "max_replicas": a.max_replicas or 1,
+                                         "target_ongoing_requests": a.max_batch}
+    else:
+        options["num_replicas"] = a.num_replicas or 1
+    return CPMServer.options(**options).bind(a)
