@@ -7,7 +7,8 @@ For each graph (CPM-Small shape, random weights; fp32 and int8) and each client 
   offline  - (b) the same C prompts as ONE batched generate call.
 Reported: aggregate tokens/s, time to first token p50/p95, inter-token latency p50/p95, and
 the ratios the goals name (serve vs threads and vs offline at each C; TTFT at C vs one client).
---llama-server URL adds a running llama-server (OpenAI routes, same weights as GGUF) as a row.
+--llama-server URL adds a running llama-server (OpenAI routes, the same weights as GGUF, prompts
+sent as CPM token ids) as rows labelled --llama-label; build and start it yourself.
 
     python benchmarks/serve_load.py --workdir /tmp/serve-load [--clients 1 4 16 64]
 Prints a table and writes benchmarks/out/serve_load.json.
@@ -41,9 +42,9 @@ def summary(kind: str, graph: str, clients: int, wall: float, tokens: int, ttft:
             "itl_p95_ms": round(1000 * pct(itl, 0.95), 1)}
 
 
-async def _client(http, url: str, model: str, prompt: str, out: list) -> None:
+async def _client(http, url: str, model: str, prompt: str | list[int], out: list) -> None:
     body = {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, "ignore_eos": True}  # ignore_eos: llama-server's field
     t0 = time.perf_counter()
     stamps, tokens = [], 0
     async with http.stream("POST", url, json=body) as r:
@@ -55,10 +56,10 @@ async def _client(http, url: str, model: str, prompt: str, out: list) -> None:
                 tokens = chunk["usage"]["completion_tokens"]
             if chunk.get("choices") and chunk["choices"][0].get("text"):
                 stamps.append(time.perf_counter())
-    out.append((t0, stamps, tokens))
+    out.append((t0, stamps, tokens or len(stamps)))
 
 
-def run_http(base: str, model: str, prompts: list[str], kind: str, graph: str) -> dict:
+def run_http(base: str, model: str, prompts: list, kind: str, graph: str) -> dict:
     import httpx
 
     async def main():
@@ -108,11 +109,12 @@ def run_offline(gen, prompts: list[str], graph: str) -> dict:
                    [b - a for a, b in zip(stamps, stamps[1:])])
 
 
-def start_server(bundle: Path, graph: str, port: int, max_batch: int, threads: int) -> subprocess.Popen:
+def start_server(bundle: Path, graph: str, port: int, max_batch: int, threads: int, prefill: int) -> subprocess.Popen:
     import httpx
 
     cmd = [str(Path(sys.executable).parent / "cpm-serve"), str(bundle), "-g", graph, "--port", str(port),
-           "--max-batch", str(max_batch), "--max-queue", "256", "--max-total", "160", "-t", str(threads), "--no-verify"]
+           "--max-batch", str(max_batch), "--max-queue", "256", "--max-total", "160", "-t", str(threads), "--no-verify",
+           "--prefill-tokens", str(prefill)]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
@@ -152,6 +154,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--port", type=int, default=8179)
+    ap.add_argument("--prefill-tokens", type=int, default=64)
+    ap.add_argument("--serve-only", action="store_true", help="skip the two runtime baselines (quick tuning runs)")
     ap.add_argument("--llama-server", help="base URL of a running llama-server to load the same way (optional)")
     ap.add_argument("--llama-label", default="llama-server")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "serve_load.json")
@@ -163,7 +167,7 @@ def main() -> None:
 
     rows = []
     for graph in args.graphs:
-        proc = start_server(bundle, graph, args.port, args.max_batch, args.threads)
+        proc = start_server(bundle, graph, args.port, args.max_batch, args.threads, args.prefill_tokens)
         try:
             base = f"http://127.0.0.1:{args.port}"
             run_http(base, bundle.name, headlines(2), "warm-up", graph)
@@ -173,6 +177,8 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(60)
+        if args.serve_only:
+            continue
         gen = CPMGenerator.from_bundle(bundle, variant=graph, threads=args.threads, verify=False)
         gen.eod_id = -1  # exactly 64 tokens each, as the server's random-weight runs produce
         run_offline(gen, headlines(2), graph)
@@ -181,9 +187,15 @@ def main() -> None:
             print(rows[-1], flush=True)
             rows.append(run_offline(gen, headlines(c), graph))
             print(rows[-1], flush=True)
-    if args.llama_server:
+    if args.llama_server:  # its GGUF has no CPM tokenizer: the same prompts go in as CPM token ids
+        from cpm_deploy.runtime import CPMTokenizer
+        from cpm_deploy.runtime.tokenizer import DEFAULT_VOCAB
+
+        tok = CPMTokenizer(DEFAULT_VOCAB)
+        run_http(args.llama_server, "model", [tok.encode(p) for p in headlines(2)], "warm-up", "gguf")
         for c in args.clients:
-            rows.append(run_http(args.llama_server, "model", headlines(c), args.llama_label, "gguf"))
+            rows.append(run_http(args.llama_server, "model", [tok.encode(p) for p in headlines(c)], args.llama_label,
+                                 args.llama_label))
             print(rows[-1], flush=True)
     report(rows, args.out)
 
@@ -194,7 +206,7 @@ def report(rows: list[dict], out: Path) -> None:
         print(f"{r['system']:<20}{r['graph']:<10}{r['clients']:>4}{r['tokens_per_s']:>9.1f}{r['ttft_p50_ms']:>10.0f}"
               f"{r['ttft_p95_ms']:>8.0f}{r['itl_p50_ms']:>9.1f}{r['itl_p95_ms']:>8.1f}")
     ratios = []
-    for r in (r for r in rows if r["system"] == "cpm-serve"):
+    for r in (r for r in rows if r["system"] == "cpm-serve" and any(x["system"] == "threads (a)" for x in rows)):
         same = {x["system"]: x for x in rows if x["graph"] == r["graph"] and x["clients"] == r["clients"]}
         idle = next(x for x in rows if x["system"] == "cpm-serve" and x["graph"] == r["graph"] and x["clients"] == min(
             y["clients"] for y in rows if y["system"] == "cpm-serve"))

@@ -25,6 +25,9 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
               help="Requests that may wait for a slot; beyond it the server answers 429 with Retry-After.")
 @click.option("--max-total", type=click.IntRange(2), help="Positions per sequence (prompt + new tokens) in the KV pool; "
               "default: the model's (1024). Lower it to shrink the pool.")
+@click.option("--prefill-tokens", type=click.IntRange(1), default=64, show_default=True,
+              help="Prompt tokens prefilled per engine step (at least one request): lower starts a burst of "
+                   "requests streaming sooner, higher raises prompt throughput.")
 @click.option("-t", "--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
               help="Seconds a request may take, queueing included.")
@@ -33,8 +36,8 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 @click.option("--model-name", help="Model id in the API (default: the bundle folder's name).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the graph's files (paths are still checked).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
-def main(bundle, host, port, graph, max_batch, max_queue, max_total, threads, timeout_s, drain_s, model_name, no_verify,
-         verbose):
+def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tokens, threads, timeout_s, drain_s, model_name,
+         no_verify, verbose):
     """Serve the model in BUNDLE over OpenAI's completions API.
 
     Routes: POST /v1/completions (streaming with "stream": true), GET /v1/models, GET /health
@@ -61,8 +64,9 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, threads, ti
         Bundle.open(bundle, verify=False)  # a wrong path fails here, before the port opens
     if not _is_loopback(host):
         click.echo(f"warning: listening on {host}: the server has no authentication", err=True)
-    config = ServerConfig(bundle, graph, threads, max_batch, max_queue, max_total, timeout_s, drain_s, model_name,
-                          not no_verify)
+    config = ServerConfig(bundle, graph=graph, threads=threads, max_batch=max_batch, max_queue=max_queue,
+                          max_total=max_total, prefill_tokens=prefill_tokens, timeout_s=timeout_s, drain_s=drain_s,
+                          model_name=model_name, verify=not no_verify)
     run(config, host, port, verbose)
 
 

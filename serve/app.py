@@ -30,6 +30,7 @@ class ServerConfig:
     max_batch: int = 16
     max_queue: int = 64
     max_total: int | None = None
+    prefill_tokens: int = 64
     timeout_s: float | None = 300.0
     drain_s: float = 10.0
     model_name: str | None = None
@@ -41,7 +42,8 @@ class ServerConfig:
 
     def load(self) -> Engine:
         return Engine.from_bundle(self.bundle, graph=self.graph, threads=self.threads, verify=self.verify,
-                                  max_batch=self.max_batch, max_queue=self.max_queue, max_total=self.max_total).start()
+                                  max_batch=self.max_batch, max_queue=self.max_queue, max_total=self.max_total,
+                                  prefill_tokens=self.prefill_tokens).start()
 
 
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:

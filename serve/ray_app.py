@@ -71,6 +71,7 @@ class RayServeArgs(BaseModel):
     max_batch: int = Field(16, ge=1)
     max_queue: int = Field(64, ge=0)
     max_total: int | None = Field(None, ge=2)
+    prefill_tokens: int = Field(64, ge=1)
     timeout_s: float = Field(300.0, gt=0)
     num_replicas: int | None = Field(None, ge=1)
     min_replicas: int | None = Field(None, ge=0)
@@ -80,7 +81,7 @@ class RayServeArgs(BaseModel):
     def server_config(self) -> ServerConfig:
         return ServerConfig(bundle=self.bundle, graph=self.graph, threads=self.threads or max(1, int(self.num_cpus)),
                             max_batch=self.max_batch, max_queue=self.max_queue, max_total=self.max_total,
-                            timeout_s=self.timeout_s, model_name=self.model_name)
+                            prefill_tokens=self.prefill_tokens, timeout_s=self.timeout_s, model_name=self.model_name)
 
 
 @serve.deployment(name="cpm", health_check_period_s=5, graceful_shutdown_timeout_s=20)

@@ -115,6 +115,10 @@ def test_bad_requests_are_refused_before_they_queue(engine):
             engine.make_request(PROMPTS[0], **kwargs)
     with pytest.raises(RequestError, match="surrogate"):
         engine.make_request("\ud800", 4)
+    for ids in ([5, -1], [5, 10**6]):  # token-id prompts are checked against the vocabulary
+        with pytest.raises(RequestError, match="token ids"):
+            engine.make_request(ids, 4)
+    assert 1 <= engine.complete([30, 40, 50], 3)[0]["tokens"] <= 3
 
 
 def test_a_failing_step_fails_only_its_requests(trained_bundle, trained_generator):

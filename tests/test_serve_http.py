@@ -104,6 +104,8 @@ def test_prompt_lists_n_seed_stop_and_extra_fields_over_httpx(trained_server):
     ({"prompt": []}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": "清华", "logprobs": 2}, "logprobs"),
+    ({"prompt": [5, 99999999], "max_tokens": 2}, None),
+    ({"prompt": ["清华", ""], "max_tokens": 2}, None),
 ])
 def test_bad_requests_get_openai_shaped_400s_and_disturb_nothing(trained_server, client, body, param):
     stream = client.completions.create(model="bundle", prompt=PROMPTS[5], max_tokens=10, temperature=0, stream=True)
