@@ -41,9 +41,9 @@ def preflight(bundle, version, graph):
 
     with user_errors(BundleError, FileNotFoundError):
         b = Bundle.open(bundle, verify=False)
-        if not (b.path / graph).is_file():
-            raise FileNotFoundError(f"{graph} is not in {bundle}")
-        report = run(b.path / graph, version)
+        if graph not in b.manifest["files"]:
+            raise FileNotFoundError(f"{graph} is not a file of {bundle}")
+        report = run(b.resolve(graph), version)
     table = Table(title=f"{graph}: ops for TensorRT {version}")
     table.add_column("op")
     table.add_column("count")
