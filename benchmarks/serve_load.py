@@ -5,10 +5,11 @@ For each graph (CPM-Small shape, random weights; fp32 and int8) and each client 
              each sending one headline and reading 64 new tokens (greedy);
   threads  - (a) one CPMGenerator in this process, one thread per request, streaming;
   offline  - (b) the same C prompts as ONE batched generate call.
+Each measured run follows an unmeasured one of the same size (first-run allocations out of the way).
 Reported: aggregate tokens/s, time to first token p50/p95, inter-token latency p50/p95, and
 the ratios the goals name (serve vs threads and vs offline at each C; TTFT at C vs one client).
---llama-server URL adds a running llama-server (OpenAI routes, the same weights as GGUF, prompts
-sent as CPM token ids) as rows labelled --llama-label; build and start it yourself.
+--llama-server LABEL=URL adds a running llama-server (OpenAI routes, the same weights as GGUF,
+prompts sent as CPM token ids) as rows labelled LABEL; build and start it yourself.
 
     python benchmarks/serve_load.py --workdir /tmp/serve-load [--clients 1 4 16 64]
 Prints a table and writes benchmarks/out/serve_load.json.
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 NEW_TOKENS = 64
+WARM_UP = 4000  # warm-up prompts come from here on in the corpus
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -140,24 +142,27 @@ def ensure_bundle(workdir: Path) -> Path:
     return bundle
 
 
-def headlines(n: int) -> list[str]:
+def headlines(n: int, offset: int = 0) -> list[str]:
+    """n prompts; warm-ups use another offset, so a server's prompt cache (llama-server has one)
+    never sees a measured prompt in advance."""
     corpus = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "tnews-headlines.txt"
-    lines = corpus.read_text(encoding="utf-8").splitlines() if corpus.is_file() else ["清华大学是中国著名的高等学府"]
-    return [lines[i % len(lines)][:24] for i in range(n)]
+    lines = corpus.read_text(encoding="utf-8").splitlines() if corpus.is_file() else [
+        f"第{i}条新闻：清华大学是中国著名的高等学府" for i in range(1000)]
+    return [lines[(offset + i) % len(lines)][:24] for i in range(n)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--graphs", nargs="+", default=["cpu-fp32", "cpu-int8"])
+    ap.add_argument("--graphs", nargs="*", default=["cpu-fp32", "cpu-int8"])
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16, 64])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--port", type=int, default=8179)
-    ap.add_argument("--prefill-tokens", type=int, default=64)
+    ap.add_argument("--prefill-tokens", type=int, default=128)
     ap.add_argument("--serve-only", action="store_true", help="skip the two runtime baselines (quick tuning runs)")
-    ap.add_argument("--llama-server", help="base URL of a running llama-server to load the same way (optional)")
-    ap.add_argument("--llama-label", default="llama-server")
+    ap.add_argument("--llama-server", action="append", default=[], metavar="LABEL=URL",
+                    help="a running llama-server to load the same way, e.g. 'llama f32=http://127.0.0.1:8190' (repeatable)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "serve_load.json")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -170,8 +175,8 @@ def main() -> None:
         proc = start_server(bundle, graph, args.port, args.max_batch, args.threads, args.prefill_tokens)
         try:
             base = f"http://127.0.0.1:{args.port}"
-            run_http(base, bundle.name, headlines(2), "warm-up", graph)
-            for c in args.clients:
+            for c in args.clients:  # each measured run follows a warm-up of the same size (steady state)
+                run_http(base, bundle.name, headlines(c, WARM_UP), "warm-up", graph)
                 rows.append(run_http(base, bundle.name, headlines(c), "cpm-serve", graph))
                 print(rows[-1], flush=True)
         finally:
@@ -181,21 +186,21 @@ def main() -> None:
             continue
         gen = CPMGenerator.from_bundle(bundle, variant=graph, threads=args.threads, verify=False)
         gen.eod_id = -1  # exactly 64 tokens each, as the server's random-weight runs produce
-        run_offline(gen, headlines(2), graph)
         for c in args.clients:
+            run_offline(gen, headlines(c, WARM_UP), graph)
             rows.append(run_threads(gen, headlines(c), graph))
             print(rows[-1], flush=True)
             rows.append(run_offline(gen, headlines(c), graph))
             print(rows[-1], flush=True)
-    if args.llama_server:  # its GGUF has no CPM tokenizer: the same prompts go in as CPM token ids
+    for spec in args.llama_server:  # its GGUF has no CPM tokenizer: the same prompts go in as CPM token ids
         from cpm_deploy.runtime import CPMTokenizer
         from cpm_deploy.runtime.tokenizer import DEFAULT_VOCAB
 
+        label, _, url = spec.partition("=")
         tok = CPMTokenizer(DEFAULT_VOCAB)
-        run_http(args.llama_server, "model", [tok.encode(p) for p in headlines(2)], "warm-up", "gguf")
         for c in args.clients:
-            rows.append(run_http(args.llama_server, "model", [tok.encode(p) for p in headlines(c)], args.llama_label,
-                                 args.llama_label))
+            run_http(url, "model", [tok.encode(p) for p in headlines(c, WARM_UP)], "warm-up", "gguf")
+            rows.append(run_http(url, "model", [tok.encode(p) for p in headlines(c)], label, "gguf"))
             print(rows[-1], flush=True)
     report(rows, args.out)
 

@@ -25,7 +25,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
               help="Requests that may wait for a slot; beyond it the server answers 429 with Retry-After.")
 @click.option("--max-total", type=click.IntRange(2), help="Positions per sequence (prompt + new tokens) in the KV pool; "
               "default: the model's (1024). Lower it to shrink the pool.")
-@click.option("--prefill-tokens", type=click.IntRange(1), default=64, show_default=True,
+@click.option("--prefill-tokens", type=click.IntRange(1), default=128, show_default=True,
               help="Prompt tokens prefilled per engine step (at least one request): lower starts a burst of "
                    "requests streaming sooner, higher raises prompt throughput.")
 @click.option("-t", "--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")

@@ -30,7 +30,7 @@ class ServerConfig:
     max_batch: int = 16
     max_queue: int = 64
     max_total: int | None = None
-    prefill_tokens: int = 64
+    prefill_tokens: int = 128
     timeout_s: float | None = 300.0
     drain_s: float = 10.0
     model_name: str | None = None

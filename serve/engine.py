@@ -6,6 +6,8 @@ One thread owns the decoder and runs one loop; each pass:
      prefills them together;
   3. runs one decode step for every running sequence, each sampled with its own settings and
      random stream, and retires those that finished (their slots are reused by the next pass).
+     While a burst is still waiting to be admitted the step is skipped, for at most
+     ``max_decode_delay_s`` since the oldest running sequence's last token.
 Requests arrive from any thread through ``submit`` and report back through their ``sink``.
 Nothing here knows of HTTP.
 """
@@ -37,7 +39,7 @@ class RequestError(ValueError):
 
 class Engine:
     def __init__(self, generator: CPMGenerator, max_batch: int = 16, max_queue: int = 64, max_total: int | None = None,
-                 prefill_tokens: int = 64):
+                 prefill_tokens: int = 128, max_decode_delay_s: float = 0.1):
         dec = generator.decoder
         if not isinstance(dec, SharedKVDecoder):
             raise EngineError(f"continuous batching needs a shared-KV graph (cpu-fp32, cpu-int8, cpu-int4, cuda-*); "
@@ -50,6 +52,9 @@ class Engine:
         # in groups between decode steps, so the first of them start streaming early and running
         # sequences keep their pace; on the CPU, prompt cost per token barely drops with larger groups
         self.prefill_tokens = prefill_tokens
+        # while a burst is still being admitted, decode steps wait (new requests reach their first
+        # token sooner), but running sequences never wait longer than this for their next token
+        self.max_decode_delay_s = max_decode_delay_s
         self.capacity = min(max_total or generator.n_positions, generator.n_positions)
         self.pool = KVPool(len(dec.past_names), max_batch, dec.n_head, self.capacity, dec.head_dim, dec.dtype)
         self.metrics = EngineMetrics()
@@ -187,10 +192,16 @@ class Engine:
             admitted = self._admit()
         if admitted:
             self._prefill(admitted)
-        if self.rows:
+        if self.rows and self._decode_due(admitted):
             self._decode()
         self._compact()
         self.metrics.running.set(len(self.rows))
+
+    def _decode_due(self, admitted: list[Request]) -> bool:
+        if not admitted or not self.waiting or self.max_batch == len(self.rows):
+            return True
+        oldest = min((s.last_token_at for s in self.rows if s.last_token_at is not None), default=None)
+        return oldest is not None and time.perf_counter() - oldest > self.max_decode_delay_s
 
     def _admit(self) -> list[Request]:
         admitted, free, budget = [], self.max_batch - len(self.rows), self.prefill_tokens

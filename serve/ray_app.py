@@ -71,7 +71,7 @@ class RayServeArgs(BaseModel):
     max_batch: int = Field(16, ge=1)
     max_queue: int = Field(64, ge=0)
     max_total: int | None = Field(None, ge=2)
-    prefill_tokens: int = Field(64, ge=1)
+    prefill_tokens: int = Field(128, ge=1)
     timeout_s: float = Field(300.0, gt=0)
     num_replicas: int | None = Field(None, ge=1)
     min_replicas: int | None = Field(None, ge=0)

@@ -22,6 +22,22 @@ from .openai_protocol import (CompletionIds, CompletionRequest, choice, error_bo
 from .sequence import EngineError, QueueFull
 
 RETRY_AFTER_S = 1
+INLINE_PROMPT_CHARS = 512  # tokenized on the event loop up to this size (well under a millisecond)
+MAX_BODY_BYTES = 4 * 1024 * 1024  # 1024 positions of text fit many times over; more is not a prompt
+
+
+async def _read_body(http: Request) -> bytes | None:
+    """The request body, or None once it passes MAX_BODY_BYTES (never read whole into memory)."""
+    declared = http.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return None
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -59,12 +75,18 @@ def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | C
         if engine is None:
             return _error(503, "the model is still loading; retry shortly", "server_error",
                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        raw = await _read_body(http)
+        if raw is None:
+            return _error(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
         try:
-            body = CompletionRequest.model_validate_json(await http.body())
+            body = CompletionRequest.model_validate_json(raw)
         except ValidationError as e:
             return JSONResponse(validation_error_body(e), status_code=400)
         if (field := body.unsupported()) is not None:
             return _error(400, f"{field} is not supported by this server", param=field)
+        if len(body.prompts()) * (body.n or 1) > engine.max_batch + engine.max_queue:
+            return _error(400, f"{len(body.prompts())} prompts x n={body.n} is more than this server holds at once "
+                               f"({engine.max_batch} running + {engine.max_queue} waiting)", param="prompt")
         model_name = name_of()
         if body.model not in (None, model_name):
             return _error(404, f"model {body.model!r} is not served here; it serves {model_name!r}", param="model")
@@ -76,8 +98,9 @@ def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | C
                                         sink=lambda ev, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, ev)),
                                         **sampling) for k, p in enumerate(body.prompts())]
 
-        try:
-            requests = await run_in_threadpool(make_requests)
+        try:  # short prompts inline: a thread hop costs more than jieba does on them
+            short = sum(len(p) for p in body.prompts()) <= INLINE_PROMPT_CHARS
+            requests = make_requests() if short else await run_in_threadpool(make_requests)
         except (RequestError, ValueError) as e:
             return _error(400, str(e))
         try:

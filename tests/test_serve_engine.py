@@ -161,3 +161,19 @@ def test_a_full_queue_refuses_at_once(trained_bundle):
 def test_the_concatenating_graph_is_refused(trained_bundle):
     with pytest.raises(EngineError, match="shared-KV graph"):
         Engine(CPMGenerator.from_bundle(trained_bundle, variant="decoder_last"))
+
+
+def test_a_burst_is_admitted_before_decoding_but_running_rows_wait_at_most_the_delay(trained_bundle):
+    from types import SimpleNamespace
+
+    engine = Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=4)  # not started
+    now = time.perf_counter()
+    engine.rows = [SimpleNamespace(last_token_at=now - 0.01)]
+    engine.waiting.append(object())
+    assert not engine._decode_due(admitted=[object()])  # more to admit: prefill first
+    engine.rows[0].last_token_at = now - 2 * engine.max_decode_delay_s
+    assert engine._decode_due(admitted=[object()])  # but never starve a running row
+    assert engine._decode_due(admitted=[])  # nothing admitted this pass: decode
+    engine.waiting.clear()
+    engine.rows[0].last_token_at = now
+    assert engine._decode_due(admitted=[object()])  # burst fully admitted: decode

@@ -118,6 +118,14 @@ def test_bad_requests_get_openai_shaped_400s_and_disturb_nothing(trained_server,
     assert httpx.post(f"{trained_server}/v1/completions", content=b"{not json").status_code == 400
 
 
+def test_oversized_bodies_and_prompt_lists_are_refused(trained_server):
+    huge = httpx.post(f"{trained_server}/v1/completions", content=b'{"prompt": "' + b"x" * (5 << 20) + b'"}',
+                      headers={"content-type": "application/json"}, timeout=30)
+    assert huge.status_code == 413 and huge.json()["error"]["message"]
+    many = httpx.post(f"{trained_server}/v1/completions", json={"prompt": ["清华"] * 100, "n": 2}, timeout=30)
+    assert many.status_code == 400 and many.json()["error"]["param"] == "prompt"
+
+
 def test_a_full_queue_answers_429_at_once(busy_server):
     with httpx.Client(base_url=busy_server, timeout=30) as http, \
             http.stream("POST", "/v1/completions", json={"prompt": "清华", "max_tokens": 1000, "stream": True}) as running:
