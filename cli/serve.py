@@ -60,8 +60,13 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tok
         raise click.ClickException(f"serving needs the [serve] extra (pip install 'cpm-deploy[serve]'): {e}") from None
     from ..runtime import BundleError, Bundle
 
-    with user_errors(BundleError):
-        Bundle.open(bundle, verify=False)  # a wrong path fails here, before the port opens
+    with user_errors(BundleError):  # mistakes fail here, before the port opens
+        b = Bundle.open(bundle, verify=False)
+        name = graph or b.default_graph
+        if b.graph(name).get("kv_cache") != "shared":
+            shared = [k for k, g in b.manifest["graphs"].items() if g.get("kv_cache") == "shared"]
+            raise BundleError(f"graph {name} concatenates its KV cache; continuous batching needs a shared-KV graph "
+                              f"({', '.join(shared) or 'none in this bundle: export with -P fp32/int8/int4'})")
     if not _is_loopback(host):
         click.echo(f"warning: listening on {host}: the server has no authentication", err=True)
     config = ServerConfig(bundle, graph=graph, threads=threads, max_batch=max_batch, max_queue=max_queue,

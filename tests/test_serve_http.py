@@ -216,3 +216,16 @@ def test_sigterm_finishes_open_streams_and_exits_0(tiny_bundle):
         assert proc.wait(30) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{base}/health", timeout=2)
+
+
+def test_cpm_serve_refuses_mistakes_in_one_line_before_listening(tmp_path, trained_bundle):
+    from click.testing import CliRunner
+
+    from cpm_deploy.cli.serve import main as serve_cli
+
+    for args, text in [([str(tmp_path / "nope")], "no such directory"),
+                       ([str(trained_bundle), "-g", "decoder_last"], "shared-KV graph (cpu-fp32, cpu-int8, cpu-int4"),
+                       ([str(trained_bundle), "-g", "nope"], "has no graph 'nope'")]:
+        result = CliRunner().invoke(serve_cli, args)
+        assert result.exit_code == 1 and text in result.output and "Traceback" not in result.output, result.output
+    assert "Examples" in CliRunner().invoke(serve_cli, ["--help"]).output
