@@ -27,7 +27,8 @@ def parity_table(report: dict) -> Table:
 
 def variants_table(manifest: dict) -> Table:
     table = Table(title="graphs verified against PyTorch (* = default for cpm-run)")
-    for col in ("graph", "kv cache", "MB", "logits max|Δ|", "top-1", "mean KL", "gate"):
+    any_held = any("held_back" in g for g in manifest["graphs"].values())
+    for col in ("graph", "kv cache", "MB", "logits max|Δ|", "top-1", "mean KL", "gate") + ("held back",) * any_held:
         table.add_column(col)
     files = manifest["files"]
     for name, g in manifest["graphs"].items():
@@ -36,8 +37,12 @@ def variants_table(manifest: dict) -> Table:
         gate = g.get("gate", {"atol": p["atol"]})
         gate = f"KL≤{gate['max_mean_kl']:g}" if "max_mean_kl" in gate else f"|Δ|≤{gate['atol']:g}"
         default = "*" if name == manifest.get("default_graph") else ""
+        held = g.get("held_back")
+        held = (f"{len(held['kept'])} MatMul(s): {', '.join(sorted(set(held['kept'].values())))}; "
+                f"plain KL {held['plain_mean_kl']:.1e}, step {held['plain_step_ms']:.2f} → {held['step_ms']:.2f} ms"
+                if held else "")
         table.add_row(name + default, g.get("kv_cache", "concat"), f"{mb:,.1f}", f"{p['logits_max_abs_diff']:.2e}",
-                      f"{p['top1_agreement']:.1%}", f"{p['mean_kl']:.1e}", gate)
+                      f"{p['top1_agreement']:.1%}", f"{p['mean_kl']:.1e}", gate, *(held,) * any_held)
     return table
 
 
@@ -84,13 +89,19 @@ def summary_table(out: Path, manifest: dict) -> Table:
               help="Ship only the -P variants: the standard graphs (decoder.onnx, the Hugging Face contract and "
                    "TensorRT's source) are built and verified, then left out with their fp32 data unless a variant "
                    "reads it. An int4 CPM-Large bundle shrinks from 15 GB to about 2 GB.")
+@click.option("--max-kl", type=click.FloatRange(min=0, min_open=True),
+              help="Gate for fp16/int8/int4 variants: the largest mean KL divergence from the fp32 reference "
+                   "accepted (defaults: fp16 1e-3, int8 1e-2, int4 0.1).")
+@click.option("--no-fallback", is_flag=True,
+              help="An int8/int4 variant that misses its gate fails the export, instead of holding back the "
+                   "MatMuls that cost the accuracy (fp32 activations, int8 weights or fp32, as few as needed).")
 @click.option("--num-heads", type=click.IntRange(1), help="Attention heads, for original checkpoints that do not store it.")
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime threads during verification.")
 @click.option("-f", "--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Informational messages too.")
-def main(src, out, tokenizer, opset, atol, rtol, target, precisions, variants_only, num_heads, threads, overwrite, quiet,
-         verbose):
+def main(src, out, tokenizer, opset, atol, rtol, target, precisions, variants_only, max_kl, no_fallback, num_heads, threads,
+         overwrite, quiet, verbose):
     """Export the CPM checkpoint SRC to a verified ONNX bundle OUT.
 
     SRC is a Hugging Face GPT-2 folder (config.json + model.safetensors, pytorch_model.bin or a
@@ -118,7 +129,8 @@ def main(src, out, tokenizer, opset, atol, rtol, target, precisions, variants_on
         for t, p in requested:
             check_request(t, p)
     options = ExportOptions(opset=opset, atol=atol, rtol=rtol, tokenizer=tokenizer, n_heads=num_heads,
-                            overwrite=overwrite, threads=threads, variants=requested, variants_only=variants_only)
+                            overwrite=overwrite, threads=threads, variants=requested, variants_only=variants_only,
+                            max_kl=max_kl, fallback=not no_fallback)
     console = Console()
     try:
         with user_errors(CheckpointError, ConfigError, OutputExistsError, FileNotFoundError, FusionError, VariantError):

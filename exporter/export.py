@@ -56,6 +56,8 @@ class ExportOptions:
     threads: int | None = None
     variants: tuple[tuple[str, str], ...] = (("cpu", "fp32"),)  # (target, precision); first is the default
     variants_only: bool = False  # ship only the variants (the standard graphs are still built and verified)
+    max_kl: float | None = None  # a looser (or tighter) KL gate for fp16/int8/int4 variants than GATES
+    fallback: bool = True  # int8/int4 missing the gate: hold back the MatMuls that cost the accuracy
 
 
 def tool_versions() -> dict:
@@ -189,10 +191,80 @@ def _build_variants(folder: Path, graphs: dict, n_layer: int, expected, options:
         step(f"variant {key}", 1, 2)
         graphs[key] = variant.manifest_entry()
         same_file = next((g for g in graphs.values() if g["file"] == variant.file and "parity" in g), None)
-        graphs[key]["parity"] = same_file["parity"] if same_file else _verify_variant(folder, variant, expected, options.threads)
+        graphs[key]["parity"] = same_file["parity"] if same_file else _verify_variant(folder, variant, expected, options)
         step(f"variant {key}", 2, 2)
-        if not variants.passes_gate(graphs[key]["parity"], precision):
-            raise ParityError(graphs[key]["parity"], f"{key} misses its gate {variants.GATES[precision]}")
+        if variants.passes_gate(graphs[key]["parity"], precision, options.max_kl):
+            continue
+        plain = graphs[key]["parity"]
+        held = None
+        if precision in ("int8", "int4") and options.fallback:
+            held = _hold_back(folder, variant, plain, n_layer, expected, options,
+                              lambda d: step(f"{key}: holding back", d, d + 1))
+        if held is None:
+            raise ParityError(plain, _miss_message(key, precision, plain, options))
+        graphs[key] = held
+
+
+def _max_kl(precision: str, options: ExportOptions) -> float:
+    return options.max_kl if options.max_kl is not None else variants.GATES[precision]["max_mean_kl"]
+
+
+def _miss_message(key: str, precision: str, report: dict, options: ExportOptions, best: float | None = None) -> str:
+    gate = variants.GATES[precision]
+    if "max_mean_kl" not in gate:
+        return f"{key} misses its gate {gate} (logits max |Δ| {report['logits_max_abs_diff']:.3g})"
+    limit = _max_kl(precision, options)
+    tried = ("" if precision not in ("int8", "int4") else
+             "; --no-fallback was given" if not options.fallback else
+             f"; holding every MatMul back (fp32 activations, int8 weights, fp32) reached at best mean KL {best:.3g}"
+             if best is not None else "")
+    return (f"{key} misses its gate: mean KL {report['mean_kl']:.3g} > {limit:g} (top-1 {report['top1_agreement']:.0%})"
+            f"{tried}; export a higher precision, or accept a looser gate with --max-kl "
+            f"{max(report['mean_kl'], best or 0) * 1.5:.2g}")
+
+
+def _hold_back(folder: Path, plain, plain_report: dict, n_layer: int, expected, options: ExportOptions,
+               progress) -> dict:
+    """The plain variant missed: find the MatMuls to hold back (exporter/quality.py), rebuild, report."""
+    from .quality import Search, fit_to_gate
+
+    cost = {"plain_data_bytes": (folder / plain.data).stat().st_size, "plain_step_ms": _step_ms(folder, plain, expected),
+            "plain_mean_kl": plain_report["mean_kl"]}
+    matmuls = variants.quantized_matmuls(folder, plain)
+
+    def evaluate(keep):
+        progress(len(search.tried))
+        v = variants.build(folder, plain.target, plain.precision, n_layer, keep=keep)
+        return _verify_variant(folder, v, expected, options)["mean_kl"]
+
+    search = Search(evaluate, _max_kl(plain.precision, options))
+    keep = fit_to_gate(plain.precision, matmuls, search)
+    if keep is None:
+        raise ParityError(plain_report, _miss_message(f"{plain.target}-{plain.precision}", plain.precision, plain_report,
+                                                      options, search.best_kl))
+    final = variants.build(folder, plain.target, plain.precision, n_layer, keep=keep)
+    entry = final.manifest_entry()
+    entry["parity"] = _verify_variant(folder, final, expected, options)
+    entry["held_back"] = {**cost, "kept": keep, "builds": len(search.tried) + 1,
+                          "data_bytes": (folder / final.data).stat().st_size, "step_ms": _step_ms(folder, final, expected)}
+    if options.max_kl is not None:
+        entry["gate"] = {"max_mean_kl": options.max_kl}
+    return entry
+
+
+def _step_ms(folder: Path, variant, expected, repeats: int = 10) -> float:
+    """Median time of one decode step at batch 1 (the b1_s1_p9 case), for the cost report."""
+    from ..exporter.verify import shared_kv_inputs
+
+    case = next(e for e in expected if e.case.batch == 1 and e.case.seq == 1)
+    feeds, past = shared_kv_inputs(case, SHARED_KV_CAPACITY)[:2]
+    runner = SharedKVRunner(folder / variant.file, threads=1)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        runner.infer(feeds, {k: v.copy() for k, v in past.items()})
+        times.append(time.perf_counter() - t0)
+    return round(1000 * sorted(times)[len(times) // 2], 3)
 
 
 def _check_vocabularies(tokenizer: Path, model_vocab: int) -> None:
@@ -216,14 +288,17 @@ def _copy_tokenizer(tokenizer: Path, folder: Path) -> dict:
     return entry
 
 
-def _verify_variant(folder: Path, variant, expected, threads) -> dict:
+def _verify_variant(folder: Path, variant, expected, options: ExportOptions) -> dict:
     gate = variants.GATES[variant.precision]
     atol, rtol = gate.get("atol", float("inf")), gate.get("rtol", 0.0)
     if variant.kv_cache == "shared":
-        runner = SharedKVRunner(folder / variant.file, threads=threads)
-        return run_parity(expected, runner.infer, atol, rtol, shared_kv_capacity=SHARED_KV_CAPACITY)
-    runner = OnnxRuntimeRunner(folder / variant.file, threads=threads)
-    return run_parity(expected, runner.infer, atol, rtol)
+        runner = SharedKVRunner(folder / variant.file, threads=options.threads)
+        report = run_parity(expected, runner.infer, atol, rtol, shared_kv_capacity=SHARED_KV_CAPACITY)
+    else:
+        runner = OnnxRuntimeRunner(folder / variant.file, threads=options.threads)
+        report = run_parity(expected, runner.infer, atol, rtol)
+    # a KL-gated variant passes case by case on its KL, so a parity table marks its misses
+    return report if "atol" in gate else variants.mark_kl_misses(report, _max_kl(variant.precision, options))
 
 
 SAMPLE_TEXT = ["清华大学是中国著名的高等学府，位于北京市海淀区。", "今天天气很好，我们一起去公园散步吧。",
