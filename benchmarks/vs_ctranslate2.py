@@ -1,0 +1,159 @@
+"""cpm-deploy's CPU graphs against CTranslate2 on the same random weights, in one run.
+
+    pip install ctranslate2      # not a project dependency
+    python benchmarks/vs_ctranslate2.py --workdir /tmp/cpm-ct2 [--preset small]
+
+Every system gets the same token ids (CTranslate2 takes them as vocabulary strings; the tokenizer
+plays no part in the timing), the same threads, greedy, exactly N new tokens:
+  TTFT          = wall time of a 1-token generation (prefill + first choice), median of repeats;
+  decode tok/s  = batch x (N - 1) / (T(N) - T(1));
+  prompt tok/s  = batch x prompt length / TTFT.
+Systems: CTranslate2 float32 and int8, cpu-fp32, cpu-int8, cpu-int4 of one bundle.
+Prints the table (decode at batch 1/4/8/16; TTFT for 32- and 512-token prompts at batch 1 and 8)
+with ratios against the CTranslate2 system each graph is measured against, and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+BATCHES = (1, 4, 8, 16)
+PROMPTS = ((32, 1), (32, 8), (512, 1), (512, 8))  # (prompt tokens, batch) for TTFT
+PEER = {"cpu-fp32": "ct2-float32", "cpu-int8": "ct2-int8", "cpu-int4": "ct2-int8"}
+
+
+def ours(bundle: Path, graph: str, threads: int):
+    from cpm_deploy.runtime import CPMGenerator, SamplingConfig
+
+    gen = CPMGenerator.from_bundle(bundle, variant=graph, threads=threads, verify=False)
+    gen.eod_id = -1  # exactly n tokens
+
+    def run(rows: list[list[int]], n: int) -> list[list[int]]:
+        out = None
+        for out in gen.iter_ids(rows, n, 1, SamplingConfig()):
+            pass
+        return out
+
+    return run
+
+
+def ct2(model_dir: Path, compute_type: str, threads: int, pieces: list[str]):
+    import ctranslate2
+
+    gen = ctranslate2.Generator(str(model_dir), device="cpu", compute_type=compute_type, intra_threads=threads,
+                                inter_threads=1)
+    index = {p: i for i, p in enumerate(pieces)}
+
+    def run(rows: list[list[int]], n: int) -> list[list[int]]:
+        res = gen.generate_batch([[pieces[t] for t in r] for r in rows], max_length=n, min_length=n, sampling_topk=1,
+                                 include_prompt_in_result=False, end_token=[])
+        return [[index[t] for t in r.sequences[0]] for r in res]
+
+    return run
+
+
+def convert_for_ct2(ckpt: Path, out: Path, quantization: str | None, pieces: list[str]) -> Path:
+    """The converter wants a GPT-2 tokenizer: a vocab.json of CPM's pieces and an empty merges list."""
+    import shutil
+
+    import ctranslate2
+
+    if out.exists():
+        return out
+    src = out.with_name(out.name + "-src")
+    shutil.copytree(ckpt, src, dirs_exist_ok=True)
+    (src / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(pieces)}, ensure_ascii=False))
+    (src / "merges.txt").write_text("#version: 0.2\n")
+    (src / "tokenizer_config.json").write_text(json.dumps(  # CPM's own specials: no token gets added
+        {"tokenizer_class": "GPT2Tokenizer", "unk_token": "<unk>", "bos_token": "<eod>", "eos_token": "<eod>"}))
+    ctranslate2.converters.TransformersConverter(str(src)).convert(str(out), quantization=quantization, force=True)
+    return out
+
+
+def timed(run, rows, n) -> float:
+    t0 = time.perf_counter()
+    run(rows, n)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/cpm-ct2"))
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "vs_ctranslate2.json")
+    args = ap.parse_args()
+
+    import sentencepiece as spm
+
+    from cpm_deploy.exporter import ExportOptions, export_bundle
+    from cpm_deploy.exporter.checkpoint_tools import write_random_checkpoint
+    from cpm_deploy.exporter.config import CPMConfig
+    from cpm_deploy.runtime.tokenizer import DEFAULT_VOCAB
+
+    w = args.workdir
+    w.mkdir(parents=True, exist_ok=True)
+    ckpt, bundle = w / f"{args.preset}-ckpt", w / f"{args.preset}-bundle"
+    if not ckpt.exists():
+        write_random_checkpoint(CPMConfig.from_preset(args.preset), ckpt, seed=0, tokenizer=DEFAULT_VOCAB)
+    if not bundle.exists():
+        export_bundle(ckpt, bundle, ExportOptions(variants=(("cpu", "fp32"), ("cpu", "int8"), ("cpu", "int4"))))
+    sp = spm.SentencePieceProcessor(model_file=str(DEFAULT_VOCAB))
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    systems = {
+        "ct2-float32": ct2(convert_for_ct2(ckpt, w / "ct2-float32", None, pieces), "float32", args.threads, pieces),
+        "ct2-int8": ct2(convert_for_ct2(ckpt, w / "ct2-int8", "int8", pieces), "int8", args.threads, pieces),
+        **{g: ours(bundle, g, args.threads) for g in PEER},
+    }
+    rng = np.random.default_rng(0)
+    ids = {length: rng.integers(100, 30000, length).tolist() for length in (32, 512)}
+    same = {name: run([ids[32]], 16) == systems["ct2-float32"]([ids[32]], 16) for name, run in systems.items()}
+
+    results = {name: {} for name in systems}
+    for name, run in systems.items():
+        for b in BATCHES:
+            rows = [ids[32]] * b
+            run(rows, 2)  # warm-up of this shape
+            t1 = statistics.median(timed(run, rows, 1) for _ in range(args.repeats))
+            tn = statistics.median(timed(run, rows, args.new) for _ in range(max(1, args.repeats - 1)))
+            results[name][f"b{b}_decode_tok_s"] = round(b * (args.new - 1) / (tn - t1), 1)
+            results[name][f"b{b}_ttft32_ms"] = round(1000 * t1, 1)
+        for length, b in PROMPTS:
+            rows = [ids[length]] * b
+            t1 = statistics.median(timed(run, rows, 1) for _ in range(args.repeats))
+            results[name][f"b{b}_ttft{length}_ms"] = round(1000 * t1, 1)
+            results[name][f"b{b}_prompt{length}_tok_s"] = round(b * length / t1, 1)
+        print(name, results[name], flush=True)
+    report(results, same, args)
+
+
+def report(results: dict, same: dict, args) -> None:
+    cols = [f"b{b}_decode_tok_s" for b in BATCHES] + [f"b{b}_ttft{n}_ms" for n, b in PROMPTS]
+    heads = [f"b{b} decode" for b in BATCHES] + [f"TTFT {n} b{b}" for n, b in PROMPTS]
+    print(f"\n{args.preset}, {args.threads} threads, {args.new} new tokens; same greedy tokens as ct2-float32: {same}")
+    print(f"{'system':<12}" + "".join(f"{h:>14}" for h in heads))
+    for name, r in results.items():
+        print(f"{name:<12}" + "".join(f"{r[c]:>14.1f}" for c in cols))
+    ratios = {}
+    for name, peer in PEER.items():
+        r, p = results[name], results[peer]
+        ratios[name] = {c: round((r[c] / p[c]) if "decode" in c else (p[c] / r[c]), 2) for c in cols}
+    print("\nratios (higher is better; decode: ours / peer, TTFT: peer / ours), against " +
+          ", ".join(f"{k} vs {v}" for k, v in PEER.items()))
+    for name, q in ratios.items():
+        print(f"{name:<12}" + "".join(f"{q[c]:>14.2f}" for c in cols))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"preset": args.preset, "threads": args.threads, "new_tokens": args.new,
+                                    "same_greedy_tokens": same, "results": results, "ratios": ratios}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
