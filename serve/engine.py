@@ -85,7 +85,7 @@ class Engine:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise RequestError("the prompt encodes to no tokens")
-        if not isinstance(prompt, str) and not all(0 <= t < self.generator.decodable for t in ids):
+        if not isinstance(prompt, str) and not all(isinstance(t, int) and 0 <= t < self.generator.decodable for t in ids):
             raise RequestError(f"prompt token ids must be in 0..{self.generator.decodable - 1}")
         if max_new_tokens < 1:
             raise RequestError(f"max_tokens must be >= 1, got {max_new_tokens}")
