@@ -107,37 +107,37 @@ def continuation_logprobs(decoder, prefixes: list[list[int]], continuations: lis
 
 def classify(generator, task: Task, batch: int = 32, seq_len: int = SEQ_LEN,
              on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Predictions and scores of every example; candidates of several examples share a batch."""
+    """Predictions and scores of every example. Candidate texts are scored ``batch`` rows at a time
+    (an example's candidates together, several examples per call), never more rows than the decoder
+    takes (a TensorRT engine's profile)."""
     tok = generator.tokenizer
-    cache: dict[str, list[int]] = {}
+    rows_per_call = min(batch, getattr(generator.decoder, "max_batch", batch))
+    prompt_ids = {p: tok.encode(p) for ex in task.examples for p in ex.prompts}
+    scores: list[list[float]] = []
+    pending: list[tuple[int, list[int], list[int]]] = []  # (example, prompt ids, sentence ids)
 
-    def encode(text: str) -> list[int]:
-        if text not in cache:
-            cache[text] = tok.encode(text)
-        return cache[text]
+    def flush():
+        lps = continuation_logprobs(generator.decoder, [p for _, p, _ in pending], [c for *_, c in pending], tok.pad_id)
+        for (i, _, _), lp in zip(pending, lps):
+            scores[i].append(float(-lp.mean()))
+        pending.clear()
 
-    per_example = max(len(e.prompts) for e in task.examples) if task.examples else 1
-    group = max(1, batch // per_example)
-    predictions, scores = [], []
-    for start in range(0, len(task.examples), group):
-        chunk = task.examples[start:start + group]
-        prefixes, conts = [], []
-        for ex in chunk:
-            sentence = tok.encode(ex.sentence)[:seq_len - 20]
-            if not sentence:
-                raise EvalDataError(f"an example's sentence encodes to no tokens: {ex.sentence!r}")
-            prefixes += [encode(p) for p in ex.prompts]
-            conts += [sentence] * len(ex.prompts)
-        lps = continuation_logprobs(generator.decoder, prefixes, conts, tok.pad_id)
-        i = 0
-        for ex in chunk:
-            s = [float(-lps[i + k].mean()) for k in range(len(ex.prompts))]
-            scores.append(s)
-            predictions.append(int(np.argmin(s)))
-            i += len(ex.prompts)
-        if on_progress:
-            on_progress(min(start + group, len(task.examples)), len(task.examples))
-    return {"predictions": predictions, "scores": scores}
+    for i, ex in enumerate(task.examples):
+        sentence = tok.encode(ex.sentence)[:seq_len - 20]
+        if not sentence:
+            raise EvalDataError(f"an example's sentence encodes to no tokens: {ex.sentence!r}")
+        scores.append([])
+        for k, prompt in enumerate(ex.prompts):
+            pending.append((i, prompt_ids[prompt], sentence))
+            if len(pending) == rows_per_call:
+                flush()
+                if on_progress:  # examples scored completely so far
+                    on_progress(i + (k == len(ex.prompts) - 1), len(task.examples))
+    if pending:
+        flush()
+    if on_progress:
+        on_progress(len(task.examples), len(task.examples))
+    return {"predictions": [int(np.argmin(s)) for s in scores], "scores": scores}
 
 
 def summarize(task: Task, predictions: list[int]) -> dict:
