@@ -8,10 +8,9 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .common import setup_logging, stderr, user_errors
+from .common import setup_logging, stage_progress, user_errors
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -63,7 +62,8 @@ def main(bundle, task, data, graphs, backend, limit, batch, threads, report, qui
         results, first = {}, None
         for graph in graphs or (None,):
             gen = CPMGenerator.from_bundle(bundle, threads=threads, variant=graph, backend=backend)
-            with _progress(f"{gen.graph_name}", quiet) as step:
+            with stage_progress({}, not quiet) as stage:
+                step = lambda done, total, g=gen.graph_name: stage(g, done, total)  # noqa: E731
                 t0 = time.perf_counter()
                 if task == "perplexity":
                     r = perplexity_of_lines(gen, lines, batch, step)
@@ -81,23 +81,6 @@ def main(bundle, task, data, graphs, backend, limit, batch, threads, report, qui
     path.write_text(json.dumps({"bundle": str(bundle), "task": task, "backend": backend, "limit": limit,
                                 "graphs": results}, ensure_ascii=False, indent=2) + "\n")
     click.echo(f"report: {path}")
-
-
-def _progress(label: str, quiet: bool):
-    import contextlib
-
-    if quiet:
-        return contextlib.nullcontext(lambda *a: None)
-
-    @contextlib.contextmanager
-    def bar():
-        columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("ETA"), TimeRemainingColumn())
-        with Progress(*columns, console=stderr) as progress:
-            tid = progress.add_task(label, total=None)
-            yield lambda done, total: progress.update(tid, completed=done, total=total)
-
-    return bar()
 
 
 def _print(task: str, results: dict) -> None:

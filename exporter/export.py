@@ -161,7 +161,8 @@ def _write_base_graphs(folder: Path, ckpt, opset: int, step) -> tuple[dict, str]
 def _drop_standard_graphs(folder: Path, graphs: dict) -> dict:
     """--variants-only: remove the standard graphs (their verification stays on record), and their
     files unless a variant reads them (trt-fp32 is decoder_last.onnx; cpu-fp32 reads its data)."""
-    kept = [g for k, g in graphs.items() if k not in dict.fromkeys(key for key, _, _ in GRAPHS)]
+    standard = {key for key, _, _ in GRAPHS}
+    kept = [g for k, g in graphs.items() if k not in standard]
     needed = {name for g in kept for name in (g["file"], g.get("data")) if name}
     dropped = {}
     for key, file, _ in GRAPHS:
@@ -254,7 +255,7 @@ def _hold_back(folder: Path, plain, plain_report: dict, n_layer: int, expected, 
 
 def _step_ms(folder: Path, variant, expected, repeats: int = 10) -> float:
     """Median time of one decode step at batch 1 (the b1_s1_p9 case), for the cost report."""
-    from ..exporter.verify import shared_kv_inputs
+    from .verify import shared_kv_inputs
 
     case = next(e for e in expected if e.case.batch == 1 and e.case.seq == 1)
     feeds, past = shared_kv_inputs(case, SHARED_KV_CAPACITY)[:2]

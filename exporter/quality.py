@@ -13,7 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-RUNGS = {"int8": ("fp32_activations", "fp32"), "int4": ("fp32_activations", "int8", "fp32")}
+from ..optimize.quantize import RUNGS as QUANTIZE_RUNGS
+
+# an int8 variant has no "int8 weights" rung to fall back to
+RUNGS = {"int8": tuple(r for r in QUANTIZE_RUNGS if r != "int8"), "int4": QUANTIZE_RUNGS}
 
 
 @dataclass

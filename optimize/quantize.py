@@ -59,7 +59,3 @@ def quantize_matmuls(model: onnx.ModelProto, bits: int, block_size: int = BLOCK_
                     attr.i = FP32_ACTIVATIONS
     return out, before - sum(n.op_type == "MatMul" for n in out.graph.node)
 
-
-def matmul_names(model: onnx.ModelProto) -> list[str]:
-    """The MatMuls quantization covers, in graph order."""
-    return [n.name for n in model.graph.node if n.op_type == "MatMul"]

@@ -38,7 +38,7 @@ class Bundle:
         """Read and check the manifest: schema, every named path inside the folder, sizes.
 
         ``verify`` also checks the sha256 of every file (recorded, so an unchanged file is not
-        hashed again); generation verifies only the files of the graph it runs (``verify_graph``).
+        hashed again); generation verifies only the files of the graph it runs (``graph_files``).
         """
         path = Path(path)
         if not path.is_dir():
@@ -123,9 +123,6 @@ class Bundle:
                 raise BundleError(f"{graph['file']} reads its weights from {loc!r}, which is not a file of this bundle")
         names = [graph["file"], *sorted(locations)]
         return names + ([self.manifest["tokenizer"]["file"]] if self.manifest.get("tokenizer") else [])
-
-    def verify_graph(self, variant: str) -> list[str]:
-        return self.verify(self.graph_files(variant))
 
     @property
     def config(self) -> dict:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -22,12 +22,33 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def perplexity(decoder, texts_ids: Iterable[list[int]]) -> float:
+def continuation_logprobs(decoder, prefixes: list[list[int]], continuations: list[list[int]],
+                          pad_id: int = 0) -> list[np.ndarray]:
+    """Per row, the log-probability of each continuation token given the prefix (and the tokens before
+    it): one batched prefill, then one decode step per continuation position (rows may differ in
+    length; a finished row is fed padding that is never read)."""
+    steps = max(len(c) for c in continuations)
+    capacity = max(len(p) for p in prefixes) + steps
+    logits, state = decoder.prefill(prefixes, capacity, pad_id)
+    out = np.zeros((len(prefixes), steps))
+    for t in range(steps):
+        tokens = np.array([c[t] if t < len(c) else pad_id for c in continuations], np.int64)
+        out[:, t] = log_softmax(logits)[np.arange(len(tokens)), tokens]
+        if t + 1 < steps:
+            logits = decoder.step(state, tokens)
+    return [out[b, :len(c)] for b, c in enumerate(continuations)]
+
+
+def perplexity(decoder, texts_ids: Iterable[list[int]], batch: int = 1, pad_id: int = 0,
+               on_progress: Callable[[int, int], None] | None = None) -> float:
+    """Perplexity of texts (token ids; each first token is context only), ``batch`` texts at a time."""
+    texts = [ids for ids in texts_ids if len(ids) >= 2]
     nll, count = 0.0, 0
-    for ids in texts_ids:
-        if len(ids) < 2:
-            continue
-        lp = log_softmax(next_token_logits(decoder, ids))
-        nll -= float(lp[np.arange(len(ids) - 1), ids[1:]].sum())
-        count += len(ids) - 1
+    for start in range(0, len(texts), batch):
+        chunk = texts[start:start + batch]
+        lps = continuation_logprobs(decoder, [t[:1] for t in chunk], [t[1:] for t in chunk], pad_id)
+        nll -= sum(float(lp.sum()) for lp in lps)
+        count += sum(len(lp) for lp in lps)
+        if on_progress:
+            on_progress(min(start + batch, len(texts)), len(texts))
     return math.exp(nll / count)

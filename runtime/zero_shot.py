@@ -14,14 +14,13 @@ last-position generation graphs included) yields the log-probability of every se
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .evaluate import log_softmax
+from .evaluate import continuation_logprobs, perplexity
 
 SEQ_LEN = 128  # as the original scripts run it
 TASKS = ("tnews", "iflytek", "ocnli")
@@ -88,23 +87,6 @@ def load_task(task: str, folder: str | Path, limit: int | None = None) -> Task:
     return Task(task, labels, tuple(examples[:limit] if limit else examples))
 
 
-def continuation_logprobs(decoder, prefixes: list[list[int]], continuations: list[list[int]],
-                          pad_id: int = 0) -> list[np.ndarray]:
-    """Per row, the log-probability of each continuation token given the prefix (and the tokens before
-    it): one batched prefill, then one decode step per continuation position."""
-    steps = max(len(c) for c in continuations)
-    capacity = max(len(p) for p in prefixes) + steps
-    logits, state = decoder.prefill(prefixes, capacity, pad_id)
-    out = np.zeros((len(prefixes), steps))
-    for t in range(steps):
-        tokens = np.array([c[t] if t < len(c) else pad_id for c in continuations], np.int64)
-        lp = log_softmax(logits)
-        out[:, t] = lp[np.arange(len(tokens)), tokens]
-        if t + 1 < steps:
-            logits = decoder.step(state, tokens)
-    return [out[b, :len(c)] for b, c in enumerate(continuations)]
-
-
 def classify(generator, task: Task, batch: int = 32, seq_len: int = SEQ_LEN,
              on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Predictions and scores of every example. Candidate texts are scored ``batch`` rows at a time
@@ -153,18 +135,11 @@ def summarize(task: Task, predictions: list[int]) -> dict:
 
 def perplexity_of_lines(generator, lines: Iterable[str], batch: int = 32,
                         on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Perplexity over texts (one per line, <eod> appended), batched like classify."""
+    """Perplexity over texts (one per line, <eod> appended), ``batch`` lines at a time."""
     tok = generator.tokenizer
     limit = generator.n_positions  # a longer line is scored on its first n_positions tokens
     texts = [(ids + [tok.eod_id])[:limit] for line in lines if line.strip() and (ids := tok.encode(line))]
     if not texts:
         raise EvalDataError("no text to score")
-    nll, count = 0.0, 0
-    for start in range(0, len(texts), batch):
-        chunk = texts[start:start + batch]
-        lps = continuation_logprobs(generator.decoder, [t[:1] for t in chunk], [t[1:] for t in chunk], tok.pad_id)
-        nll -= sum(float(lp.sum()) for lp in lps)
-        count += sum(len(lp) for lp in lps)
-        if on_progress:
-            on_progress(min(start + batch, len(texts)), len(texts))
-    return {"lines": len(texts), "tokens": count, "perplexity": math.exp(nll / count)}
+    value = perplexity(generator.decoder, texts, batch, tok.pad_id, on_progress)
+    return {"lines": len(texts), "tokens": sum(len(t) - 1 for t in texts), "perplexity": value}

@@ -92,13 +92,13 @@ def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | C
             return _error(404, f"model {body.model!r} is not served here; it serves {model_name!r}", param="model")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-        def make_requests():  # tokenizing (jieba) takes milliseconds: not on the event loop
+        def make_requests():
             sampling = body.sampling()
             return [engine.make_request(p, body.max_tokens or 16, body.n or 1, timeout_of(),
                                         sink=lambda ev, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, ev)),
                                         **sampling) for k, p in enumerate(body.prompts())]
 
-        try:  # short prompts inline: a thread hop costs more than jieba does on them
+        try:  # short prompts inline (a thread hop costs more than jieba on them), long ones off the loop
             short = sum(len(p) for p in body.prompts()) <= INLINE_PROMPT_CHARS
             requests = make_requests() if short else await run_in_threadpool(make_requests)
         except (RequestError, ValueError) as e:
@@ -106,13 +106,11 @@ def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | C
         try:
             for r in requests:
                 engine.submit(r)
-        except QueueFull as e:
+        except EngineError as e:  # QueueFull is one: a partly submitted call is withdrawn whole
             for r in requests:
                 r.cancel()
-            return _error(429, f"server busy: {e}", "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
-        except EngineError as e:
-            for r in requests:
-                r.cancel()
+            if isinstance(e, QueueFull):
+                return _error(429, f"server busy: {e}", "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
             return _error(503, str(e), "server_error")
         ids = CompletionIds(model_name)
         call = _Call(requests, events, body.n or 1)
