@@ -58,6 +58,7 @@ class ExportOptions:
     variants_only: bool = False  # ship only the variants (the standard graphs are still built and verified)
     max_kl: float | None = None  # a looser (or tighter) KL gate for fp16/int8/int4 variants than GATES
     fallback: bool = True  # int8/int4 missing the gate: hold back the MatMuls that cost the accuracy
+    int4_prefill: bool = True  # cpu-int4 runs prompts on the int8 graph (built for it when not asked for)
 
 
 def tool_versions() -> dict:
@@ -184,11 +185,20 @@ def _verify_base_graphs(folder: Path, graphs: dict, expected, options: ExportOpt
             raise ParityError(info["parity"])
 
 
+def _build_order(options: ExportOptions) -> list[tuple[str, str]]:
+    """The requested variants, cpu-int8 first when cpu-int4 runs its prompts on it (added if not asked)."""
+    order = list(options.variants)
+    if ("cpu", "int4") in order and options.int4_prefill:
+        order = [("cpu", "int8")] + [v for v in order if v != ("cpu", "int8")]
+    return order
+
+
 def _build_variants(folder: Path, graphs: dict, n_layer: int, expected, options: ExportOptions, step) -> None:
-    for target, precision in options.variants:
+    for target, precision in _build_order(options):
         key = f"{target}-{precision}"
         step(f"variant {key}", 0, 2)
-        variant = variants.build(folder, target, precision, n_layer)
+        prefill = _int8_prefill(graphs) if key == "cpu-int4" and options.int4_prefill else None
+        variant = variants.build(folder, target, precision, n_layer, prefill=prefill)
         step(f"variant {key}", 1, 2)
         graphs[key] = variant.manifest_entry()
         same_file = next((g for g in graphs.values() if g["file"] == variant.file and "parity" in g), None)
@@ -200,10 +210,24 @@ def _build_variants(folder: Path, graphs: dict, n_layer: int, expected, options:
         held = None
         if precision in ("int8", "int4") and options.fallback:
             held = _hold_back(folder, variant, plain, n_layer, expected, options,
-                              lambda d: step(f"{key}: holding back", d, d + 1))
+                              lambda d: step(f"{key}: holding back", d, d + 1), prefill)
         if held is None:
-            raise ParityError(plain, _miss_message(key, precision, plain, options))
+            raise ParityError(plain, _miss_message(_label(key, options), precision, plain, options))
         graphs[key] = held
+    for key in dict.fromkeys(f"{t}-{p}" for t, p in [*options.variants, ("cpu", "int8")]):  # as asked, then int8
+        if key in graphs:
+            graphs[key] = graphs.pop(key)
+
+
+def _label(key: str, options: ExportOptions) -> str:
+    implied = key == "cpu-int8" and ("cpu", "int8") not in options.variants
+    return f"{key} (the graph cpu-int4 runs prompts on; --no-int4-prefill goes without it)" if implied else key
+
+
+def _int8_prefill(graphs: dict) -> variants.Variant:
+    """The built (and gated) cpu-int8 graph, as cpu-int4's prompt graph."""
+    g = graphs["cpu-int8"]
+    return variants.Variant("cpu-int8", "cpu", "int8", g["file"], g["data"], g["kv_cache"], {}, {})
 
 
 def _max_kl(precision: str, options: ExportOptions) -> float:
@@ -225,7 +249,7 @@ def _miss_message(key: str, precision: str, report: dict, options: ExportOptions
 
 
 def _hold_back(folder: Path, plain, plain_report: dict, n_layer: int, expected, options: ExportOptions,
-               progress) -> dict:
+               progress, prefill=None) -> dict:
     """The plain variant missed: find the MatMuls to hold back (exporter/quality.py), rebuild, report."""
     from .quality import Search, fit_to_gate
 
@@ -235,15 +259,15 @@ def _hold_back(folder: Path, plain, plain_report: dict, n_layer: int, expected, 
 
     def evaluate(keep):
         progress(len(search.tried))
-        v = variants.build(folder, plain.target, plain.precision, n_layer, keep=keep)
+        v = variants.build(folder, plain.target, plain.precision, n_layer, keep=keep, prefill=prefill)
         return _verify_variant(folder, v, expected, options)["mean_kl"]
 
     search = Search(evaluate, _max_kl(plain.precision, options))
     keep = fit_to_gate(plain.precision, matmuls, search)
     if keep is None:
-        raise ParityError(plain_report, _miss_message(f"{plain.target}-{plain.precision}", plain.precision, plain_report,
-                                                      options, search.best_kl))
-    final = variants.build(folder, plain.target, plain.precision, n_layer, keep=keep)
+        raise ParityError(plain_report, _miss_message(_label(f"{plain.target}-{plain.precision}", options),
+                                                      plain.precision, plain_report, options, search.best_kl))
+    final = variants.build(folder, plain.target, plain.precision, n_layer, keep=keep, prefill=prefill)
     entry = final.manifest_entry()
     entry["parity"] = _verify_variant(folder, final, expected, options)
     entry["held_back"] = {**cost, "kept": keep, "builds": len(search.tried) + 1,
@@ -293,7 +317,8 @@ def _verify_variant(folder: Path, variant, expected, options: ExportOptions) -> 
     gate = variants.GATES[variant.precision]
     atol, rtol = gate.get("atol", float("inf")), gate.get("rtol", 0.0)
     if variant.kv_cache == "shared":
-        runner = SharedKVRunner(folder / variant.file, threads=options.threads)
+        prefill = folder / variant.prefill["file"] if variant.prefill else None
+        runner = SharedKVRunner(folder / variant.file, threads=options.threads, prefill_path=prefill)
         report = run_parity(expected, runner.infer, atol, rtol, shared_kv_capacity=SHARED_KV_CAPACITY)
     else:
         runner = OnnxRuntimeRunner(folder / variant.file, threads=options.threads)

@@ -2,7 +2,8 @@
 
 | target | precision | graph |
 | cpu, cuda | fp32 | fused for onnxruntime (GroupQueryAttention, shared KV), same data file as the base |
-| cpu | int8, int4 | fused + MatMulNBits weights (head included), own data file |
+| cpu | int8 | fused + DynamicQuantizeMatMul (int8 weights, head included), own data file |
+| cpu | int4 | fused + MatMulNBits 4-bit weights for decode steps; prompts run on the int8 graph |
 | cuda | fp16 | fused, fp16 with LayerNorm and softmax in fp32, own data file |
 | trt | fp32 | the standard last-position graph itself (TensorRT parses standard ops only) |
 | trt | fp16 | the standard graph in fp16 with fp32 islands, own data file |
@@ -22,7 +23,7 @@ from ..runtime.bundle import BASE_DATA, GENERATION_GRAPH
 from .fuse import fuse_for_ort
 from .fusions import tied_head_matmul
 from .precision import to_fp16
-from .quantize import quantize_matmuls
+from .quantize import QUANTIZED_OPS, SUFFIX, quantize_matmuls
 
 TARGETS = {"cpu": ("fp32", "int8", "int4"), "cuda": ("fp32", "fp16"), "trt": ("fp32", "fp16")}
 # Verification gates against the fp32 PyTorch reference. fp32 is held elementwise; reduced
@@ -52,12 +53,13 @@ class Variant:
     fusions: dict
     ops: dict
     kept: dict | None = None  # MatMul name -> rung held back from the plain recipe (quantize.py)
+    prefill: dict | None = None  # {"file", "data"}: the graph prompts run on, when not this one
 
     def manifest_entry(self) -> dict:
         entry = {"file": self.file, "data": self.data, "target": self.target, "precision": self.precision,
                  "kv_cache": self.kv_cache, "logits": "last", "fusions": self.fusions, "ops": self.ops,
                  "gate": GATES[self.precision]}
-        return entry | ({"kept": self.kept} if self.kept else {})
+        return entry | ({"kept": self.kept} if self.kept else {}) | ({"prefill": self.prefill} if self.prefill else {})
 
 
 def check_request(target: str, precision: str) -> None:
@@ -68,9 +70,11 @@ def check_request(target: str, precision: str) -> None:
                            f"(it has {', '.join(TARGETS[target])})")
 
 
-def build(folder: Path, target: str, precision: str, n_layer: int, keep: dict[str, str] | None = None) -> Variant:
+def build(folder: Path, target: str, precision: str, n_layer: int, keep: dict[str, str] | None = None,
+          prefill: Variant | None = None) -> Variant:
     """Write the variant's graph (and data) into ``folder``, which holds the base graphs. ``keep``
-    (int8/int4 only) holds named MatMuls back from the plain recipe (see quantize.py)."""
+    (int8/int4 only) holds named MatMuls back from the plain recipe (see quantize.py); ``prefill``
+    (cpu-int4 only) is the built graph its prompts run on."""
     check_request(target, precision)
     name = f"{target}-{precision}"
     file = f"decoder_{target}_{precision}.onnx"
@@ -84,21 +88,24 @@ def build(folder: Path, target: str, precision: str, n_layer: int, keep: dict[st
         return Variant(name, target, precision, file, data, "concat", {}, _ops(model))
 
     fused = ir.load(str(folder / GENERATION_GRAPH))
-    counts = fuse_for_ort(fused, n_layer)
+    counts = fuse_for_ort(fused, n_layer, skip_layer_norm=target == "cuda")  # see fuse.py for the CPU's choice
     if precision == "fp32":  # weights unchanged: keep pointing at the base data file
         ir.save(fused, str(folder / file))
         return Variant(name, target, precision, file, BASE_DATA, "shared", counts, _ops(ir.to_proto(fused)))
     if precision in ("int8", "int4"):
         counts["tied_head_matmul"] = tied_head_matmul.rules.apply_to_model(fused)
         proto = _with_data(fused, folder)
-        proto, counts["matmul_nbits"] = quantize_matmuls(proto, bits=8 if precision == "int8" else 4, keep=keep)
+        proto, counts["quantized_matmuls"] = quantize_matmuls(proto, bits=8 if precision == "int8" else 4, keep=keep)
         wanted = 4 * n_layer + 1 - sum(rung == "fp32" for rung in (keep or {}).values())
-        if counts["tied_head_matmul"] != 1 or counts["matmul_nbits"] != wanted:
-            raise VariantError(f"quantization covered {counts['matmul_nbits']} of {wanted} MatMuls")
+        if counts["tied_head_matmul"] != 1 or counts["quantized_matmuls"] != wanted:
+            raise VariantError(f"quantization covered {counts['quantized_matmuls']} of {wanted} MatMuls")
     else:  # cuda fp16
         proto = to_fp16(_with_data(fused, folder))
     _save(proto, folder / file, data)
-    return Variant(name, target, precision, file, data, "shared", counts, _ops(proto), keep or None)
+    if prefill is not None and (target, precision, prefill.kv_cache) != ("cpu", "int4", "shared"):
+        raise VariantError(f"only cpu-int4 takes a prefill graph, not {name}")
+    return Variant(name, target, precision, file, data, "shared", counts, _ops(proto), keep or None,
+                   {"file": prefill.file, "data": prefill.data} if prefill else None)
 
 
 def _with_data(model: ir.Model, folder: Path) -> onnx.ModelProto:
@@ -121,7 +128,7 @@ def _ops(model: onnx.ModelProto) -> dict:
 def quantized_matmuls(folder: Path, variant: Variant) -> list[str]:
     """The MatMuls a built int8/int4 variant quantized, by their names before quantization."""
     model = onnx.load(str(folder / variant.file), load_external_data=False)
-    return [n.name.rsplit("_Q", 1)[0] for n in model.graph.node if n.op_type == "MatMulNBits"]
+    return [n.name.rsplit(SUFFIX, 1)[0] for n in model.graph.node if n.op_type in QUANTIZED_OPS]
 
 
 def passes_gate(report: dict, precision: str, max_kl: float | None = None) -> bool:

@@ -73,6 +73,8 @@ class Bundle:
         """Every file a graph, the tokenizer or an engine names is listed (and so checked)."""
         m, listed = self.manifest, self.manifest["files"]
         named = [(f"graphs.{k}.{f}", g.get(f)) for k, g in m["graphs"].items() for f in ("file", "data")]
+        named += [(f"graphs.{k}.prefill.{f}", g["prefill"].get(f)) for k, g in m["graphs"].items() if g.get("prefill")
+                  for f in ("file", "data")]
         named += [(f"tokenizer.{f}", (m.get("tokenizer") or {}).get(f)) for f in ("file", "vocab")]
         named += [(f"engines.{k}.{f}", e.get(f)) for k, e in (m.get("engines") or {}).items()
                   for f in ("file", "timing_cache")]
@@ -113,16 +115,22 @@ class Bundle:
         """The files running ``variant`` reads: graph, weights, tokenizer. The graph's own
         external-data references are checked against the manifest here, before onnxruntime opens it."""
         graph = self.graph(variant)
-        inside = self.resolve(graph["file"])
+        names = self._onnx_files(graph["file"])
+        if graph.get("prefill"):
+            names += self._onnx_files(graph["prefill"]["file"])
+        return names + ([self.manifest["tokenizer"]["file"]] if self.manifest.get("tokenizer") else [])
+
+    def _onnx_files(self, file: str) -> list[str]:
+        """An ONNX graph and the data files it reads, each checked to be a file of the bundle."""
+        inside = self.resolve(file)
         try:
             locations = external_data_locations(inside)
         except (OnnxFormatError, OSError) as e:
-            raise BundleError(f"{graph['file']} is not a readable ONNX graph: {e}") from None
+            raise BundleError(f"{file} is not a readable ONNX graph: {e}") from None
         for loc in sorted(locations):
             if loc not in self.manifest["files"] or (inside.parent / loc).resolve() != self.resolve(loc):
-                raise BundleError(f"{graph['file']} reads its weights from {loc!r}, which is not a file of this bundle")
-        names = [graph["file"], *sorted(locations)]
-        return names + ([self.manifest["tokenizer"]["file"]] if self.manifest.get("tokenizer") else [])
+                raise BundleError(f"{file} reads its weights from {loc!r}, which is not a file of this bundle")
+        return [file, *sorted(locations)]
 
     @property
     def config(self) -> dict:

@@ -56,8 +56,9 @@ class CPMGenerator:
             files = bundle.graph_files(name)  # where its weights come from is checked even unverified
             if verify:
                 bundle.verify(files)
+            prefill = graph.get("prefill")
             decoder = open_decoder(bundle.resolve(graph["file"]), bundle.config, graph.get("kv_cache", "concat"),
-                                   provider, threads)
+                                   provider, threads, prefill_path=bundle.resolve(prefill["file"]) if prefill else None)
         else:
             raise ValueError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
         gen = cls(decoder, CPMTokenizer(bundle.tokenizer_path), bundle.config)

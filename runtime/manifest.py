@@ -53,11 +53,17 @@ class Tokenizer(_Strict):
     vocab: RelPath | None = None
 
 
+class PrefillGraph(_Strict):
+    file: RelPath
+    data: RelPath | None = None
+
+
 class Graph(_Strict):
     file: RelPath
     data: RelPath | None = None
     precision: str = "fp32"
     kv_cache: Literal["concat", "shared"] = "concat"
+    prefill: PrefillGraph | None = None  # the graph prompts run on, sharing the KV buffers
 
 
 class EngineLimits(_Strict):

@@ -146,7 +146,8 @@ def test_verification_covers_the_chosen_graph_and_is_recorded(tmp_path, trained_
     shutil.copytree(trained_bundle, b)
     bundle = Bundle.open(b, verify=False)
     files = bundle.graph_files("cpu-int4")
-    assert files == ["decoder_cpu_int4.onnx", "decoder_cpu_int4.onnx.data", bundle.manifest["tokenizer"]["file"]]
+    assert files == ["decoder_cpu_int4.onnx", "decoder_cpu_int4.onnx.data", "decoder_cpu_int8.onnx",  # prompts: int8
+                     "decoder_cpu_int8.onnx.data", bundle.manifest["tokenizer"]["file"]]
     assert bundle.verify(files) == files  # hashed the first time
     assert bundle.verify(files) == []  # recorded: not again
     CPMGenerator.from_bundle(b, variant="cpu-int4")  # verifies nothing else

@@ -210,9 +210,11 @@ def test_variants_only_ships_what_was_asked(tmp_path, tiny_hf):
     assert result.exit_code == 0, result.output
     assert "left out (--variants-only)" in result.output and "holds" in result.output
     m = Bundle.open(tmp_path / "b").manifest
-    assert list(m["graphs"]) == ["cpu-int4"] and m["left_out"]["decoder"]["parity"]["passed"]
-    assert set(m["files"]) == {"decoder_cpu_int4.onnx", "decoder_cpu_int4.onnx.data", "spiece.model",
-                               "config.json"}
+    # cpu-int8 comes along: cpu-int4 runs prompts on it (--no-int4-prefill goes without)
+    assert list(m["graphs"]) == ["cpu-int4", "cpu-int8"] and m["default_graph"] == "cpu-int4"
+    assert m["left_out"]["decoder"]["parity"]["passed"]
+    assert set(m["files"]) == {"decoder_cpu_int4.onnx", "decoder_cpu_int4.onnx.data", "decoder_cpu_int8.onnx",
+                               "decoder_cpu_int8.onnx.data", "spiece.model", "config.json"}
     assert {p.name for p in (tmp_path / "b").iterdir()} == set(m["files"]) | {"manifest.json"}
     assert CPMGenerator.from_bundle(tmp_path / "b").generate_ids(["清华"], max_new_tokens=2)
 

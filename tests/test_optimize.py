@@ -66,8 +66,12 @@ def test_variants_in_the_manifest(trained_bundle):
     assert m["graphs"]["cpu-fp32"]["parity"]["logits_max_abs_diff"] <= 1e-3
     for bits in ("int8", "int4"):
         g = m["graphs"][f"cpu-{bits}"]
-        assert g["ops"]["MatMulNBits"] == 4 * L + 1 and "MatMul" not in g["ops"]  # the tied head too
+        op = {"int8": "DynamicQuantizeMatMul", "int4": "MatMulNBits"}[bits]
+        assert g["ops"][op] == 4 * L + 1 and "MatMul" not in g["ops"]  # the tied head too
         assert g["fusions"]["tied_head_matmul"] == 1
+    for name in ("cpu-fp32", "cpu-int8", "cpu-int4"):  # the CPU keeps Add + LayerNormalization (fuse.py)
+        assert "SkipLayerNormalization" not in m["graphs"][name]["ops"] and m["graphs"][name]["ops"]["LayerNormalization"] == 2 * L + 1
+    assert m["graphs"]["cuda-fp16"]["ops"]["SkipLayerNormalization"] == 2 * L
     assert m["graphs"]["trt-fp16"]["kv_cache"] == "concat"
     assert all(n.domain == "" for n in onnx.load(str(trained_bundle / m["graphs"]["trt-fp16"]["file"]),
                                                    load_external_data=False).graph.node)

@@ -22,7 +22,8 @@ def recipe_key(vocab_file: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def train(vocab_file: Path, lines: list[str], out: Path) -> Path:
+def train(vocab_file: Path, lines: list[str], out: Path, recipe: dict | None = None) -> Path:
+    """Train on ``lines`` (the recipe's first ``lines`` of them) and save a Hugging Face folder."""
     import torch
 
     from cpm_deploy.exporter.config import CPMConfig
@@ -30,21 +31,22 @@ def train(vocab_file: Path, lines: list[str], out: Path) -> Path:
     from cpm_deploy.exporter.state_dict import build_model, random_tensors
     from cpm_deploy.runtime.tokenizer import CPMTokenizer
 
+    r = RECIPE | (recipe or {})
     tok = CPMTokenizer(vocab_file)
-    cfg = CPMConfig(n_layer=RECIPE["n_layer"], n_embd=RECIPE["n_embd"], n_head=RECIPE["n_head"],
+    cfg = CPMConfig(n_layer=r["n_layer"], n_embd=r["n_embd"], n_head=r["n_head"],
                     vocab_size=tok.vocab_size, n_positions=128)
     stream = []
-    for line in lines[:RECIPE["lines"]]:
+    for line in lines[:r["lines"]]:
         stream += tok.encode(line) + [tok.eod_id]
     data = torch.tensor(stream)
     active = torch.unique(data)  # [A] token ids that occur
     remap = torch.full((cfg.vocab_size,), -1, dtype=torch.long)
     remap[active] = torch.arange(len(active))
-    torch.manual_seed(RECIPE["seed"])
-    model = build_model(dict(random_tensors(cfg, RECIPE["seed"])), cfg).train().requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=RECIPE["lr"])
-    S, B = RECIPE["seq"], RECIPE["batch"]
-    for _ in range(RECIPE["steps"]):
+    torch.manual_seed(r["seed"])
+    model = build_model(dict(random_tensors(cfg, r["seed"])), cfg).train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"])
+    S, B = r["seq"], r["batch"]
+    for _ in range(r["steps"]):
         starts = torch.randint(0, len(data) - S - 1, (B,))
         x = torch.stack([data[s:s + S] for s in starts])
         y = torch.stack([data[s + 1:s + S + 1] for s in starts])
@@ -56,5 +58,5 @@ def train(vocab_file: Path, lines: list[str], out: Path) -> Path:
         opt.step()
     model.eval().requires_grad_(False)
     save_hf_folder(out, cfg, iter(model.state_dict().items()), tokenizer=Path(vocab_file))
-    (out / "train.json").write_text(json.dumps(RECIPE | {"final_loss": loss.item()}))
+    (out / "train.json").write_text(json.dumps(r | {"final_loss": loss.item()}))
     return out

@@ -1,0 +1,116 @@
+"""The fast prompt paths: int8 as DynamicQuantizeMatMul, cpu-int4 running prompts on the int8 graph,
+long prompts in chunks. Each checked by running onnxruntime against the plain computation."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from cpm_deploy.cli.export import main as export_cli
+from cpm_deploy.optimize.quantize import per_column_int8, quantize_matmuls
+from cpm_deploy.runtime import Bundle, BundleError, CPMGenerator, decoder as decoder_module
+
+RNG = np.random.default_rng(0)
+
+
+def two_matmuls() -> onnx.ModelProto:
+    """y = (x @ W) @ z: one MatMul with a constant weight, one with a run-time operand."""
+    w = numpy_helper.from_array(RNG.normal(0, 0.5, (64, 48)).astype(np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="m"), helper.make_node("MatMul", ["h", "z"], ["y"], name="dyn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64]),
+                                           helper.make_tensor_value_info("z", TensorProto.FLOAT, [48, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def test_per_column_int8_round_trips_within_half_a_step():
+    w = RNG.normal(0, 1, (32, 7)).astype(np.float32)
+    w[:, 3] = 0  # an all-zero column keeps a usable scale
+    q, scale = per_column_int8(w)
+    assert q.dtype == np.int8 and np.abs(q).max() == 127 and scale[3] == 1.0
+    assert np.all(np.abs(q * scale - w) <= scale / 2 + 1e-7)
+
+
+@pytest.mark.parametrize("keep, op, count", [
+    (None, "DynamicQuantizeMatMul", 1),
+    ({"m": "fp32_activations"}, "MatMulNBits", 1),
+    ({"m": "fp32"}, "MatMul", 0),
+])
+def test_int8_recipe_and_its_rungs(keep, op, count):
+    model = two_matmuls()
+    feeds = {"x": RNG.normal(0, 1, (3, 64)).astype(np.float32), "z": RNG.normal(0, 1, (48, 5)).astype(np.float32)}
+    before = run(model, feeds)
+    out, n = quantize_matmuls(model, bits=8, keep=keep)
+    assert n == count
+    first = out.graph.node[0]
+    assert first.op_type == op and [n.op_type for n in out.graph.node][-1] == "MatMul"  # the run-time MatMul stays
+    if op == "MatMulNBits":
+        assert {a.name: a.i for a in first.attribute}["accuracy_level"] == 1  # fp32 activations
+    if op == "DynamicQuantizeMatMul":
+        assert first.name == "m_Q8" and "W" not in {t.name for t in out.graph.initializer}  # fp32 copy dropped
+    after = run(out, feeds)
+    assert np.abs(after - before).max() <= 0.02 * np.abs(before).max()
+
+
+def test_int4_runs_prompts_on_the_int8_graph(trained_bundle):
+    m = Bundle.open(trained_bundle).manifest
+    int4, int8 = m["graphs"]["cpu-int4"], m["graphs"]["cpu-int8"]
+    assert int4["prefill"] == {"file": int8["file"], "data": int8["data"]}
+    assert int8["file"] in Bundle.open(trained_bundle, verify=False).graph_files("cpu-int4")
+    g4 = CPMGenerator.from_bundle(trained_bundle, variant="cpu-int4", threads=1)
+    g8 = CPMGenerator.from_bundle(trained_bundle, variant="cpu-int8", threads=1)
+    assert g4.decoder.prefill_session is not g4.decoder.session and g8.decoder.prefill_session is g8.decoder.session
+    rows = [[11, 12, 13, 14], [15, 16, 17, 18]]
+    l4, s4 = g4.decoder.prefill(rows, capacity=8)
+    l8, s8 = g8.decoder.prefill(rows, capacity=8)
+    np.testing.assert_array_equal(l4, l8)  # the same graph ran the prompt
+    tokens = np.array([20, 21])
+    assert not np.array_equal(g4.decoder.step(s4, tokens), g8.decoder.step(s8, tokens))  # steps are 4-bit
+
+
+def test_int4_without_the_int8_prompt_graph(tmp_path, trained_hf):
+    r = CliRunner().invoke(export_cli, [str(trained_hf), str(tmp_path / "b"), "-q", "-P", "int4", "--no-int4-prefill"])
+    assert r.exit_code == 0, r.output
+    graphs = json.loads((tmp_path / "b" / "manifest.json").read_text())["graphs"]
+    assert "cpu-int8" not in graphs and "prefill" not in graphs["cpu-int4"]
+    assert not (tmp_path / "b" / "decoder_cpu_int8.onnx").exists()
+
+
+def test_a_prefill_graph_outside_the_files_is_refused(tmp_path, trained_bundle):
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(trained_bundle, b)
+    m = json.loads((b / "manifest.json").read_text())
+    m["graphs"]["cpu-int4"]["prefill"]["file"] = "elsewhere.onnx"
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="cpu-int4.prefill.file names 'elsewhere.onnx'"):
+        Bundle.open(b, verify=False)
+    m["graphs"]["cpu-int4"]["prefill"]["file"] = "../elsewhere.onnx"
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="leads out"):
+        Bundle.open(b, verify=False)
+
+
+def test_long_prompts_in_chunks_match_one_call(trained_generator, monkeypatch):
+    dec = trained_generator.decoder  # cpu-fp32
+    rows = [list(range(100, 130)), list(range(200, 230))]  # one length: chunked
+    whole = dec.prefill(rows, capacity=40)
+    monkeypatch.setattr(decoder_module, "PREFILL_CHUNK", 8)
+    chunked = dec.prefill(rows, capacity=40)
+    np.testing.assert_allclose(chunked[0], whole[0], atol=1e-4, rtol=1e-4)
+    for a, b in zip(chunked[1].past, whole[1].past):
+        np.testing.assert_allclose(a.numpy()[:, :, :30], b.numpy()[:, :, :30], atol=1e-4, rtol=1e-4)
+    prompt = "清华大学是中国著名的高等学府，位于北京市海淀区。今天天气很好"
+    monkeypatch.setattr(decoder_module, "PREFILL_CHUNK", 1024)
+    want = trained_generator.generate_ids([prompt], max_new_tokens=8)
+    monkeypatch.setattr(decoder_module, "PREFILL_CHUNK", 4)
+    assert trained_generator.generate_ids([prompt], max_new_tokens=8) == want
