@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/cpm-quality"))
     ap.add_argument("--lines", type=int, default=100)
+    ap.add_argument("--checkpoint", type=Path, help="a model this script trained before (skips training)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/out/quality.json"))
     args = ap.parse_args()
 
@@ -47,7 +48,7 @@ def main():
     lines = [x for x in args.corpus.read_text(encoding="utf-8").splitlines() if x.strip()]
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
-    ckpt = train(args.vocab, lines[:TRAIN_LINES], args.workdir / "trained", RECIPE)
+    ckpt = args.checkpoint or train(args.vocab, lines[:TRAIN_LINES], args.workdir / "trained", RECIPE)
     held_out = lines[TRAIN_LINES:TRAIN_LINES + args.lines]
     bundle = args.workdir / "bundle"
     export_bundle(ckpt, bundle, ExportOptions(variants=VARIANTS))

@@ -88,7 +88,7 @@ def summary_table(out: Path, manifest: dict) -> Table:
 @click.option("--variants-only", is_flag=True,
               help="Ship only the -P variants: the standard graphs (decoder.onnx, the Hugging Face contract and "
                    "TensorRT's source) are built and verified, then left out with their fp32 data unless a variant "
-                   "reads it. An int4 CPM-Large bundle shrinks from 15 GB to about 2 GB.")
+                   "reads it. An int4 CPM-Large bundle shrinks from 15 GB to about 2 GB (with --no-int4-prefill).")
 @click.option("--max-kl", type=click.FloatRange(min=0, min_open=True),
               help="Gate for fp16/int8/int4 variants: the largest mean KL divergence from the fp32 reference "
                    "accepted (defaults: fp16 1e-3, int8 1e-2, int4 0.1).")
@@ -120,6 +120,7 @@ def main(src, out, tokenizer, opset, atol, rtol, target, precisions, variants_on
       cpm-export ./ckpt ./bundle --opset 20 --overwrite
       cpm-export ./ckpt ./bundle-cpu -P int4 -P int8 -P fp32
       cpm-export ./ckpt ./bundle-int4 -P int4 --variants-only
+      cpm-export ./ckpt ./bundle-int4-small -P int4 --variants-only --no-int4-prefill
       cpm-export ./ckpt ./bundle-v100 --target trt -P fp16
     """
     setup_logging(verbose)

@@ -32,9 +32,12 @@ class _OrtDecoder:
         import onnxruntime as ort
 
         self.ort = ort
-        self.session = create_session(path, provider, threads)
-        self.prefill_session = (create_session(prefill_path, provider, threads, spin=False) if prefill_path
-                                else self.session)
+        # two sessions take turns on the same cores: neither may keep its threads spinning once its
+        # run is done (cpu-int4, 2 cores: 512-token prompt ~10% faster, decode steps unchanged)
+        alone = prefill_path is None
+        self.session = create_session(path, provider, threads, spin_after_run=alone)
+        self.prefill_session = self.session if alone else create_session(prefill_path, provider, threads,
+                                                                          spin_after_run=False)
         self.n_layer, self.n_head = config["n_layer"], config["n_head"]
         self.head_dim = config["n_embd"] // config["n_head"]
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"

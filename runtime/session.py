@@ -34,14 +34,14 @@ def resolve_providers(provider: str) -> list[str]:
 
 
 def create_session(path: str | Path, provider: str = "cpu", threads: int | None = None, optimize: bool = True,
-                   spin: bool = True):
-    """``spin=False``: the session's threads sleep when idle instead of spinning, for a second
-    session beside the one that decodes (its spinning threads would slow the steps ~7%)."""
+                   spin_after_run: bool = True):
+    """``spin_after_run=False``: the session's threads stop spinning as soon as a run returns (they
+    still spin within one), for sessions that take turns on the same cores."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spin_after_run:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
