@@ -177,3 +177,15 @@ def test_a_burst_is_admitted_before_decoding_but_running_rows_wait_at_most_the_d
     engine.waiting.clear()
     engine.rows[0].last_token_at = now
     assert engine._decode_due(admitted=[object()])  # burst fully admitted: decode
+
+
+def test_int4_engine_runs_prompts_on_the_int8_graph(trained_bundle):
+    """cpu-int4 brings a second session for prompts; the engine's pool serves both. One request at a
+    time equals the generator alone (int8 prompts share one activation scale per call, so batched
+    prefills may differ slightly: that is not asserted)."""
+    gen = CPMGenerator.from_bundle(trained_bundle, variant="cpu-int4", threads=1)
+    with Engine.from_bundle(trained_bundle, graph="cpu-int4", threads=1, max_batch=4) as e:
+        assert e.decoder.prefill_session is not e.decoder.session
+        for prompt in PROMPTS[:3]:
+            assert e.complete(prompt, 8)[0]["text"] == alone(gen, prompt, 8)
+        assert len(run_concurrently(e, [(p, 5, {}) for p in PROMPTS[:6]])) == 6 and not e.rows
