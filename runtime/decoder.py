@@ -38,6 +38,9 @@ class _OrtDecoder:
         self.session = create_session(path, provider, threads, spin_after_run=alone)
         self.prefill_session = self.session if alone else create_session(prefill_path, provider, threads,
                                                                           spin_after_run=False)
+        if not alone and _io(self.prefill_session) != _io(self.session):
+            raise ValueError(f"the prompt graph {Path(prefill_path).name} does not take and give what "
+                             f"{Path(path).name} does: they cannot share KV buffers")
         self.n_layer, self.n_head = config["n_layer"], config["n_head"]
         self.head_dim = config["n_embd"] // config["n_head"]
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
@@ -71,6 +74,10 @@ class _OrtDecoder:
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy()[:, -1, :].astype(np.float32), (past if shared else outputs[1:])
+
+
+def _io(session) -> tuple:
+    return tuple((v.name, v.type) for v in session.get_inputs()), tuple((v.name, v.type) for v in session.get_outputs())
 
 
 @dataclass

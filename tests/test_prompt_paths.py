@@ -98,6 +98,11 @@ def test_a_prefill_graph_outside_the_files_is_refused(tmp_path, trained_bundle):
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="leads out"):
         Bundle.open(b, verify=False)
+    # a listed graph of another kind (the concatenating one) is refused before it runs
+    m["graphs"]["cpu-int4"]["prefill"] = {"file": "decoder_last.onnx", "data": "decoder.onnx.data"}
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="cannot share KV buffers"):
+        CPMGenerator.from_bundle(b, variant="cpu-int4", verify=False)
 
 
 def test_long_prompts_in_chunks_match_one_call(trained_generator, monkeypatch):

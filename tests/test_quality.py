@@ -53,6 +53,8 @@ def test_plain_quantization_misses_and_the_export_holds_back_what_costs_accuracy
                                             "--no-fallback", "-q"])
     assert plain.exit_code == 1 and not (tmp_path / "plain").exists()
     assert "mean KL" in plain.output and "--max-kl" in plain.output and "NO" in plain.output  # the table marks misses
+    if precision == "int4":  # its prompt graph is built (and gated) first, and says what it is for
+        assert "cpu-int8 (the graph cpu-int4 runs prompts on; --no-int4-prefill" in plain.output
 
     result = CliRunner().invoke(export_cli, [str(wide_checkpoint), str(tmp_path / "b"), "-P", precision, "-q"])
     assert result.exit_code == 0, result.output
