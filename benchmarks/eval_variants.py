@@ -71,6 +71,8 @@ def _trained_bundle(workdir: Path) -> Path:
         lines = [x for x in (SHARED / "corpus" / "tnews-headlines.txt").read_text(encoding="utf-8").splitlines() if x]
         ckpt = train(DEFAULT_VOCAB, lines[:4000], workdir / "trained")
         export_bundle(ckpt, bundle, ExportOptions(variants=VARIANTS))
+    else:  # exported by whatever code ran before: say so, a stale bundle measures old graphs
+        print(f"reusing {bundle}; delete it to export with this code", flush=True)
     return bundle
 
 

@@ -90,6 +90,8 @@ def main():
         from cpm_deploy.exporter import ExportOptions
 
         export_bundle(ckpt, bundle, ExportOptions(variants=(("cpu", "fp32"), ("cpu", "int8"), ("cpu", "int4"))))
+    else:  # exported by whatever code ran before: say so, a stale bundle measures old graphs
+        print(f"reusing {bundle}; delete it to export with this code", flush=True)
     if not onnx_dir.exists():
         from optimum.onnxruntime import ORTModelForCausalLM
 

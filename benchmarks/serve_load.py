@@ -139,6 +139,8 @@ def ensure_bundle(workdir: Path) -> Path:
         write_random_checkpoint(CPMConfig.from_preset("small"), workdir / "small-ckpt", seed=0, tokenizer=DEFAULT_VOCAB,
                                 overwrite=True)
         export_bundle(workdir / "small-ckpt", bundle, ExportOptions(variants=(("cpu", "fp32"), ("cpu", "int8"))))
+    else:  # exported by whatever code ran before: say so, a stale bundle measures old graphs
+        print(f"reusing {bundle}; delete it to export with this code", flush=True)
     return bundle
 
 

@@ -106,6 +106,8 @@ def main() -> None:
         write_random_checkpoint(CPMConfig.from_preset(args.preset), ckpt, seed=0, tokenizer=DEFAULT_VOCAB)
     if not bundle.exists():
         export_bundle(ckpt, bundle, ExportOptions(variants=(("cpu", "fp32"), ("cpu", "int8"), ("cpu", "int4"))))
+    else:  # exported by whatever code ran before: say so, a stale bundle measures old graphs
+        print(f"reusing {bundle}; delete it to export with this code", flush=True)
     sp = spm.SentencePieceProcessor(model_file=str(DEFAULT_VOCAB))
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     systems = {
