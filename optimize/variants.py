@@ -23,7 +23,7 @@ from ..runtime.bundle import BASE_DATA, GENERATION_GRAPH
 from .fuse import fuse_for_ort
 from .fusions import tied_head_matmul
 from .precision import to_fp16
-from .quantize import QUANTIZED_OPS, SUFFIX, quantize_matmuls
+from .quantize import QUANTIZED_OPS, SUFFIX, fold_bias, quantize_matmuls
 
 TARGETS = {"cpu": ("fp32", "int8", "int4"), "cuda": ("fp32", "fp16"), "trt": ("fp32", "fp16")}
 # Verification gates against the fp32 PyTorch reference. fp32 is held elementwise; reduced
@@ -96,6 +96,7 @@ def build(folder: Path, target: str, precision: str, n_layer: int, keep: dict[st
         counts["tied_head_matmul"] = tied_head_matmul.rules.apply_to_model(fused)
         proto = _with_data(fused, folder)
         proto, counts["quantized_matmuls"] = quantize_matmuls(proto, bits=8 if precision == "int8" else 4, keep=keep)
+        counts["bias_into_quantized"] = fold_bias(proto)
         wanted = 4 * n_layer + 1 - sum(rung == "fp32" for rung in (keep or {}).values())
         if counts["tied_head_matmul"] != 1 or counts["quantized_matmuls"] != wanted:
             raise VariantError(f"quantization covered {counts['quantized_matmuls']} of {wanted} MatMuls")

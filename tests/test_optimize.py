@@ -69,6 +69,7 @@ def test_variants_in_the_manifest(trained_bundle):
         op = {"int8": "DynamicQuantizeMatMul", "int4": "MatMulNBits"}[bits]
         assert g["ops"][op] == 4 * L + 1 and "MatMul" not in g["ops"]  # the tied head too
         assert g["fusions"]["tied_head_matmul"] == 1
+        assert g["fusions"]["bias_into_quantized"] == 3 * L  # qkv, attention out, MLP out (fc's is in FastGelu)
     for name in ("cpu-fp32", "cpu-int8", "cpu-int4"):  # the CPU keeps Add + LayerNormalization (fuse.py)
         assert "SkipLayerNormalization" not in m["graphs"][name]["ops"] and m["graphs"][name]["ops"]["LayerNormalization"] == 2 * L + 1
     assert m["graphs"]["cuda-fp16"]["ops"]["SkipLayerNormalization"] == 2 * L

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from cpm_deploy.cli.export import main as export_cli
-from cpm_deploy.optimize.quantize import per_column_int8, quantize_matmuls
+from cpm_deploy.optimize.quantize import fold_bias, per_column_int8, quantize_matmuls
 from cpm_deploy.runtime import Bundle, BundleError, CPMGenerator, decoder as decoder_module
 
 RNG = np.random.default_rng(0)
@@ -58,6 +58,28 @@ def test_int8_recipe_and_its_rungs(keep, op, count):
         assert first.name == "m_Q8" and "W" not in {t.name for t in out.graph.initializer}  # fp32 copy dropped
     after = run(out, feeds)
     assert np.abs(after - before).max() <= 0.02 * np.abs(before).max()
+
+
+def biased_matmul(second_user: bool = False) -> onnx.ModelProto:
+    """y = x @ W + c (c a constant [N]); with ``second_user`` the MatMul's output is also a graph output."""
+    inits = [numpy_helper.from_array(RNG.normal(0, 0.5, (64, 48)).astype(np.float32), "W"),
+             numpy_helper.from_array(RNG.normal(0, 1, 48).astype(np.float32), "c")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="m"), helper.make_node("Add", ["h", "c"], ["y"])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, 48]) for n in (["y", "h"] if second_user else ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("bits, op", [(8, "DynamicQuantizeMatMul"), (4, "MatMulNBits")])
+def test_bias_folds_into_the_quantized_matmul(bits, op):
+    feeds = {"x": RNG.normal(0, 1, (3, 64)).astype(np.float32)}
+    quantized, _ = quantize_matmuls(biased_matmul(), bits=bits)
+    before = run(quantized, feeds)
+    assert fold_bias(quantized) == 1
+    assert [n.op_type for n in quantized.graph.node] == [op] and quantized.graph.node[0].output[0] == "y"
+    np.testing.assert_allclose(run(quantized, feeds), before, rtol=1e-5, atol=1e-5)
+    kept, _ = quantize_matmuls(biased_matmul(second_user=True), bits=bits)  # its output is needed as it is
+    assert fold_bias(kept) == 0 and [n.op_type for n in kept.graph.node] == [op, "Add"]
 
 
 def test_int4_runs_prompts_on_the_int8_graph(trained_bundle):
