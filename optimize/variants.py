@@ -77,6 +77,8 @@ def build(folder: Path, target: str, precision: str, n_layer: int, keep: dict[st
     (cpu-int4 only) is the built graph its prompts run on."""
     check_request(target, precision)
     name = f"{target}-{precision}"
+    if prefill is not None and (target, precision, prefill.kv_cache) != ("cpu", "int4", "shared"):
+        raise VariantError(f"only cpu-int4 takes a prefill graph, not {name}")
     file = f"decoder_{target}_{precision}.onnx"
     data = f"{file}.data"
     if target == "trt" and precision == "fp32":
@@ -103,8 +105,6 @@ def build(folder: Path, target: str, precision: str, n_layer: int, keep: dict[st
     else:  # cuda fp16
         proto = to_fp16(_with_data(fused, folder))
     _save(proto, folder / file, data)
-    if prefill is not None and (target, precision, prefill.kv_cache) != ("cpu", "int4", "shared"):
-        raise VariantError(f"only cpu-int4 takes a prefill graph, not {name}")
     return Variant(name, target, precision, file, data, "shared", counts, _ops(proto), keep or None,
                    {"file": prefill.file, "data": prefill.data} if prefill else None)
 
