@@ -57,6 +57,7 @@ class Engine:
         self.max_decode_delay_s = max_decode_delay_s
         self.capacity = min(max_total or generator.n_positions, generator.n_positions)
         self.pool = KVPool(len(dec.past_names), max_batch, dec.n_head, self.capacity, dec.head_dim, dec.dtype)
+        self._steps: dict = {}  # n rows -> StepBinding over pool slots 0 .. n-1, bound once
         self.metrics = EngineMetrics()
         self.metrics.kv_slots.set(max_batch)
         self.waiting: deque[Request] = deque()
@@ -259,7 +260,7 @@ class Engine:
         cached = np.array([s.cached for s in rows], np.int64)
         t0 = time.perf_counter()
         try:
-            logits = self.decoder.run_step(tokens, cached, self.pool.views(0, len(rows)))
+            logits = self._step_binding(len(rows)).run(tokens, cached)
         except Exception as e:  # noqa: BLE001
             self._fail(list({id(s.request): s.request for s in rows}.values()), e)
             return
@@ -316,6 +317,11 @@ class Engine:
             r.sink(event)
         except Exception:  # noqa: BLE001 - a consumer that went away cancels its request
             r.cancel()
+
+    def _step_binding(self, rows: int):
+        if rows not in self._steps:
+            self._steps[rows] = self.decoder.step_binding(self.pool.views(0, rows))
+        return self._steps[rows]
 
     def _compact(self) -> None:
         """Retire finished rows: the last running row moves into each freed slot."""

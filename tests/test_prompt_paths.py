@@ -141,3 +141,27 @@ def test_long_prompts_in_chunks_match_one_call(trained_generator, monkeypatch):
     want = trained_generator.generate_ids([prompt], max_new_tokens=8)
     monkeypatch.setattr(decoder_module, "PREFILL_CHUNK", 4)
     assert trained_generator.generate_ids([prompt], max_new_tokens=8) == want
+
+
+def test_a_kept_step_binding_equals_binding_each_step(trained_generator):
+    dec = trained_generator.decoder  # cpu-fp32, shared KV
+    rows = [[11, 12, 13, 14, 15], [21, 22, 23]]
+    _, fresh = dec.prefill(rows, capacity=12)
+    _, kept = dec.prefill(rows, capacity=12)
+    steps = dec.step_binding(kept.past)
+    cached, tokens = fresh.lengths.copy(), np.array([30, 31])
+    for _ in range(4):
+        want = dec.run_step(tokens, cached, fresh.past)
+        got = steps.run(tokens, cached)
+        np.testing.assert_array_equal(got, want)
+        assert got is not steps.logits[:, -1, :]  # a copy: the next step rewrites the bound array
+        tokens, cached = want.argmax(-1), cached + 1
+    for a, b in zip(kept.past, fresh.past):  # it wrote the same cache, in place (beyond: uninitialised)
+        for row, n in enumerate(cached):
+            np.testing.assert_array_equal(a.numpy()[row, :, :n], b.numpy()[row, :, :n])
+    # decoder.step keeps one per state: the generator's greedy tokens are unchanged by it
+    prompt = "清华大学是中国著名的高等学府"
+    logits, state = dec.prefill([trained_generator.tokenizer.encode(prompt)], capacity=20)
+    assert state.steps is None
+    dec.step(state, logits.argmax(-1))
+    assert state.steps is not None and state.steps.past is state.past
