@@ -6,6 +6,8 @@
 Every system gets the same token ids (CTranslate2 takes them as vocabulary strings; the tokenizer
 plays no part in the timing), the same threads, greedy, exactly N new tokens:
   TTFT          = wall time of a 1-token generation (prefill + first choice), median of repeats;
+  every cell is timed for all systems in turn, repeat after repeat (round-robin), so that
+  a slow minute on this machine is shared by all of them;
   decode tok/s  = batch x (N - 1) / (T(N) - T(1));
   prompt tok/s  = batch x prompt length / TTFT.
 Systems: CTranslate2 float32 and int8, cpu-fp32, cpu-int8, cpu-int4 of one bundle.
@@ -88,7 +90,7 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "vs_ctranslate2.json")
     args = ap.parse_args()
 
@@ -119,21 +121,29 @@ def main() -> None:
     ids = {length: rng.integers(100, 30000, length).tolist() for length in (32, 512)}
     same = {name: run([ids[32]], 16) == systems["ct2-float32"]([ids[32]], 16) for name, run in systems.items()}
 
+    # Every cell is timed round-robin across the systems, repeat by repeat: this machine's speed
+    # drifts by 5-10% over minutes, and a drift must not land on one system's cells only.
+    cells = [(f"b{b}", [ids[32]] * b, n) for b in BATCHES for n in (1, args.new)]
+    cells += [(f"b{b}_ttft{length}", [ids[length]] * b, 1) for length, b in PROMPTS]
+    times = {name: {} for name in systems}
+    for key, rows, n in cells:
+        for run in systems.values():
+            run(rows, min(n, 2))  # warm-up of this shape
+        for _ in range(args.repeats):
+            for name, run in systems.items():
+                times[name].setdefault((key, n), []).append(timed(run, rows, n))
+        print(key, n, {name: round(1000 * statistics.median(t[(key, n)]), 1) for name, t in times.items()}, flush=True)
     results = {name: {} for name in systems}
-    for name, run in systems.items():
+    for name, t in times.items():
+        med = {k: statistics.median(v) for k, v in t.items()}
         for b in BATCHES:
-            rows = [ids[32]] * b
-            run(rows, 2)  # warm-up of this shape
-            t1 = statistics.median(timed(run, rows, 1) for _ in range(args.repeats))
-            tn = statistics.median(timed(run, rows, args.new) for _ in range(max(1, args.repeats - 1)))
+            t1, tn = med[(f"b{b}", 1)], med[(f"b{b}", args.new)]
             results[name][f"b{b}_decode_tok_s"] = round(b * (args.new - 1) / (tn - t1), 1)
             results[name][f"b{b}_ttft32_ms"] = round(1000 * t1, 1)
         for length, b in PROMPTS:
-            rows = [ids[length]] * b
-            t1 = statistics.median(timed(run, rows, 1) for _ in range(args.repeats))
+            t1 = med[(f"b{b}_ttft{length}", 1)]
             results[name][f"b{b}_ttft{length}_ms"] = round(1000 * t1, 1)
             results[name][f"b{b}_prompt{length}_tok_s"] = round(b * length / t1, 1)
-        print(name, results[name], flush=True)
     report(results, same, args)
 
 
