@@ -78,7 +78,14 @@ def convert_for_ct2(ckpt: Path, out: Path, quantization: str | None, pieces: lis
     return out
 
 
+# Pause before each timed call: a system's worker threads keep spinning after it returns (MKL's
+# OpenMP threads for 200 ms by default), and on 2 cores that would be charged to the next system.
+# Without it, round-robin timing put ~19 ms on our 10 ms short-prompt cells.
+SETTLE_S = 0.4
+
+
 def timed(run, rows, n) -> float:
+    time.sleep(SETTLE_S)
     t0 = time.perf_counter()
     run(rows, n)
     return time.perf_counter() - t0
