@@ -154,8 +154,11 @@ class StepBinding:
     def run(self, tokens: np.ndarray, cached: np.ndarray) -> np.ndarray:
         """One token per row after ``cached`` [B] tokens; logits [B, V] (a copy: the next step
         writes the bound array again)."""
-        for name, value in self.decoder._step_feeds(tokens, cached).items():
-            np.copyto(self.inputs[name], value, casting="unsafe")
+        x = self.inputs  # the same values as SharedKVDecoder._step_feeds, written in place
+        x["input_ids"][:, 0] = tokens
+        x["position_ids"][:, 0] = cached
+        x["seqlens_k"][:] = cached  # (cached + 1) - 1
+        x["total_sequence_length"][...] = cached.max() + 1
         self.session.run_with_iobinding(self.binding)
         logits = self.logits if self.logits is not None else self.binding.get_outputs()[0].numpy()
         return logits[:, -1, :].astype(np.float32)
