@@ -130,11 +130,11 @@ class StepBinding:
     def __init__(self, decoder: SharedKVDecoder, past: list):
         ort, session = decoder.ort, decoder.session
         batch = past[0].shape()[0]
-        self.decoder, self.session, self.past = decoder, session, past
+        self.session, self.past = session, past
         self.binding = session.io_binding()
-        lengths = decoder._lengths(np.ones(batch, np.int64), np.ones(batch, np.int64))
         self.inputs = {"input_ids": np.zeros((batch, 1), np.int64), "position_ids": np.zeros((batch, 1), np.int64),
-                       **{k: np.array(v) for k, v in lengths.items()}}
+                       "seqlens_k": np.zeros(batch, np.int32), "total_sequence_length": np.zeros((), np.int32),
+                       "query_seqlens": np.ones(batch, np.int32)}  # one new token per row, every step
         self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.inputs.values()]  # keep them alive
         for name, value in zip(self.inputs, self._values):
             self.binding.bind_ortvalue_input(name, value)
