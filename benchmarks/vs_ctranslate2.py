@@ -129,7 +129,7 @@ def main() -> None:
     same = {name: run([ids[32]], 16) == systems["ct2-float32"]([ids[32]], 16) for name, run in systems.items()}
 
     # Every cell is timed round-robin across the systems, repeat by repeat: this machine's speed
-    # drifts by 5-10% over minutes, and a drift must not land on one system's cells only.
+    # drifts by up to a third over minutes, and a drift must not land on one system's cells only.
     cells = [(f"b{b}", [ids[32]] * b, n) for b in BATCHES for n in (1, args.new)]
     cells += [(f"b{b}_ttft{length}", [ids[length]] * b, 1) for length, b in PROMPTS]
     times = {name: {} for name in systems}
@@ -151,10 +151,18 @@ def main() -> None:
             t1 = med[(f"b{b}_ttft{length}", 1)]
             results[name][f"b{b}_ttft{length}_ms"] = round(1000 * t1, 1)
             results[name][f"b{b}_prompt{length}_tok_s"] = round(b * length / t1, 1)
-    report(results, same, args)
+    # TTFT ratio of each repeat (ours against its peer in the same round): how far one
+    # repeat's noise moves a cell
+    spread = {g: {f"b{b}_ttft{length}_ms": _range([p / o for o, p in zip(times[g][k], times[peer][k])])
+                  for length, b in PROMPTS for k in [(f"b{b}_ttft{length}", 1)]} for g, peer in PEER.items()}
+    report(results, same, spread, args)
 
 
-def report(results: dict, same: dict, args) -> None:
+def _range(values: list[float]) -> list[float]:
+    return [round(min(values), 2), round(max(values), 2)]
+
+
+def report(results: dict, same: dict, spread: dict, args) -> None:
     cols = [f"b{b}_decode_tok_s" for b in BATCHES] + [f"b{b}_ttft{n}_ms" for n, b in PROMPTS]
     heads = [f"b{b} decode" for b in BATCHES] + [f"TTFT {n} b{b}" for n, b in PROMPTS]
     print(f"\n{args.preset}, {args.threads} threads, {args.new} new tokens; same greedy tokens as ct2-float32: {same}")
@@ -169,9 +177,13 @@ def report(results: dict, same: dict, args) -> None:
           ", ".join(f"{k} vs {v}" for k, v in PEER.items()))
     for name, q in ratios.items():
         print(f"{name:<12}" + "".join(f"{q[c]:>14.2f}" for c in cols))
+    print("\nTTFT ratio, lowest and highest single repeat")
+    for name, cells in spread.items():
+        print(f"{name:<12}" + "".join(f"{c.split('_')[1]} {c.split('_')[0]}: {lo:.2f}-{hi:.2f}  " for c, (lo, hi) in cells.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"preset": args.preset, "threads": args.threads, "new_tokens": args.new,
-                                    "same_greedy_tokens": same, "results": results, "ratios": ratios}, indent=2) + "\n")
+                                    "same_greedy_tokens": same, "results": results, "ratios": ratios,
+                                    "ttft_ratio_range": spread}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
