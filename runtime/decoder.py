@@ -124,10 +124,11 @@ class StepBinding:
     Each step rewrites the small input arrays in place (on the CPU a bound OrtValue shares its
     array's memory) and onnxruntime writes logits into a bound array. Rebinding 24 KV buffers,
     five inputs and a fresh logits output every step cost CPM-Small ~0.25 ms (8% of an int4 step
-    at batch 1). The owner keeps it as long as the buffers: it holds them.
+    at batch 1). The owner keeps it as long as the buffers: it holds them. ``logits`` lends it the
+    output array (rows of one shared buffer, say: a server binds every batch width it runs).
     """
 
-    def __init__(self, decoder: SharedKVDecoder, past: list):
+    def __init__(self, decoder: SharedKVDecoder, past: list, logits: np.ndarray | None = None):
         ort, session = decoder.ort, decoder.session
         batch = past[0].shape()[0]
         self.session, self.past = session, past
@@ -142,9 +143,7 @@ class StepBinding:
             self.binding.bind_ortvalue_input(name, value)
         for name, value in zip(decoder.present_names, past):
             self.binding.bind_ortvalue_output(name, value)
-        out = session.get_outputs()[0]
-        dtype = np.float16 if out.type == "tensor(float16)" else np.float32
-        self.logits = np.empty((batch, 1, out.shape[-1]), dtype) if isinstance(out.shape[-1], int) else None
+        self.logits = decoder.logits_buffer(batch) if logits is None else logits
         if self.logits is None:  # a symbolic vocabulary size: onnxruntime allocates the output
             self.binding.bind_output("logits", "cpu")
         else:
@@ -207,8 +206,14 @@ class SharedKVDecoder(_OrtDecoder):
         For many steps over the same buffers, ``step_binding(past).run`` binds them once."""
         return self._run(self._step_feeds(tokens, cached), past, shared=True)[0]
 
-    def step_binding(self, past: list) -> StepBinding:
-        return StepBinding(self, past)
+    def step_binding(self, past: list, logits: np.ndarray | None = None) -> StepBinding:
+        return StepBinding(self, past, logits)
+
+    def logits_buffer(self, batch: int) -> np.ndarray | None:
+        """An array steps can write their [batch, 1, V] logits into; None if V is not fixed."""
+        out = self.session.get_outputs()[0]
+        dtype = np.float16 if out.type == "tensor(float16)" else np.float32
+        return np.empty((batch, 1, out.shape[-1]), dtype) if isinstance(out.shape[-1], int) else None
 
     # -- one generation call: buffers sized for it ------------------------------------------------
     def prefill(self, rows: list[list[int]], capacity: int, pad_id: int = 0) -> tuple[np.ndarray, SharedState]:

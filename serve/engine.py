@@ -58,6 +58,8 @@ class Engine:
         self.capacity = min(max_total or generator.n_positions, generator.n_positions)
         self.pool = KVPool(len(dec.past_names), max_batch, dec.n_head, self.capacity, dec.head_dim, dec.dtype)
         self._steps: dict = {}  # n rows -> StepBinding over pool slots 0 .. n-1, bound once
+        # their logits rows, shared: one array per width would hold max_batch^2 / 2 rows (250 MB at 64)
+        self._logits = dec.logits_buffer(max_batch)
         self.metrics = EngineMetrics()
         self.metrics.kv_slots.set(max_batch)
         self.waiting: deque[Request] = deque()
@@ -320,7 +322,8 @@ class Engine:
 
     def _step_binding(self, rows: int):
         if rows not in self._steps:
-            self._steps[rows] = self.decoder.step_binding(self.pool.views(0, rows))
+            logits = None if self._logits is None else self._logits[:rows]
+            self._steps[rows] = self.decoder.step_binding(self.pool.views(0, rows), logits)
         return self._steps[rows]
 
     def _compact(self) -> None:

@@ -5,6 +5,7 @@ import queue
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from conftest import corpus_lines
@@ -52,6 +53,10 @@ def test_greedy_under_load_equals_alone(engine, trained_generator):
     want = [alone(trained_generator, p, n) for p, n, _ in calls]
     assert run_concurrently(engine, calls) == want
     assert engine.metrics.running._value.get() == 0 and not engine.rows
+    # the batch narrowed as requests finished: one step binding per width, all writing their
+    # logits into rows of one buffer
+    assert len(engine._steps) > 1
+    assert all(np.shares_memory(b.logits, engine._logits) for b in engine._steps.values())
 
 
 def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(engine, trained_generator):
