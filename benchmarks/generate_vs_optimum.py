@@ -18,10 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vs_ctranslate2 import timed  # noqa: E402 - the peer benchmarks' one timing, settle pause included
 
 
 def ours(bundle: Path, threads: int, graph: str):
@@ -55,13 +58,6 @@ def optimum(onnx_dir: Path, threads: int):
         return out[0, len(ids):].tolist()
 
     return run
-
-
-def timed(fn, *args) -> float:
-    time.sleep(0.4)  # let the previous system's spinning threads stop (see vs_ctranslate2.SETTLE_S)
-    t0 = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - t0
 
 
 def main():
