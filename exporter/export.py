@@ -59,6 +59,7 @@ class ExportOptions:
     max_kl: float | None = None  # a looser (or tighter) KL gate for fp16/int8/int4 variants than GATES
     fallback: bool = True  # int8/int4 missing the gate: hold back the MatMuls that cost the accuracy
     int4_prefill: bool = True  # cpu-int4 runs prompts on the int8 graph (built for it when not asked for)
+    int4_block_size: int = 32  # cpu-int4's 4-bit weight blocks: 32, 64 or 128 (faster decode, coarser weights)
 
 
 def tool_versions() -> dict:
@@ -85,6 +86,7 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
     """Export ``src`` to the bundle folder ``out``; returns the manifest. Raises ParityError on a miss."""
     src, out = Path(src), Path(out)
     check_output(out.absolute(), options.overwrite)
+    variants.check_int4_block_size(options.int4_block_size)
     if options.tokenizer is not None and not Path(options.tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer model {options.tokenizer} not found")
     step = progress or (lambda *a: None)
@@ -198,7 +200,8 @@ def _build_variants(folder: Path, graphs: dict, n_layer: int, expected, options:
         key = f"{target}-{precision}"
         step(f"variant {key}", 0, 2)
         prefill = _int8_prefill(graphs) if key == "cpu-int4" and options.int4_prefill else None
-        variant = variants.build(folder, target, precision, n_layer, prefill=prefill)
+        variant = variants.build(folder, target, precision, n_layer, prefill=prefill,
+                                 int4_block_size=options.int4_block_size)
         step(f"variant {key}", 1, 2)
         graphs[key] = variant.manifest_entry()
         same_file = next((g for g in graphs.values() if g["file"] == variant.file and "parity" in g), None)
@@ -259,7 +262,8 @@ def _hold_back(folder: Path, plain, plain_report: dict, n_layer: int, expected, 
 
     def evaluate(keep):
         progress(len(search.tried))
-        v = variants.build(folder, plain.target, plain.precision, n_layer, keep=keep, prefill=prefill)
+        v = variants.build(folder, plain.target, plain.precision, n_layer, keep=keep, prefill=prefill,
+                           int4_block_size=options.int4_block_size)
         return _verify_variant(folder, v, expected, options)["mean_kl"]
 
     search = Search(evaluate, _max_kl(plain.precision, options))
@@ -267,7 +271,8 @@ def _hold_back(folder: Path, plain, plain_report: dict, n_layer: int, expected, 
     if keep is None:
         raise ParityError(plain_report, _miss_message(_label(f"{plain.target}-{plain.precision}", options),
                                                       plain.precision, plain_report, options, search.best_kl))
-    final = variants.build(folder, plain.target, plain.precision, n_layer, keep=keep, prefill=prefill)
+    final = variants.build(folder, plain.target, plain.precision, n_layer, keep=keep, prefill=prefill,
+                           int4_block_size=options.int4_block_size)
     entry = final.manifest_entry()
     entry["parity"] = _verify_variant(folder, final, expected, options)
     entry["held_back"] = {**cost, "kept": keep, "builds": len(search.tried) + 1,

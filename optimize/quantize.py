@@ -5,8 +5,9 @@ int8: DynamicQuantizeMatMul - int8 weights per output column, activations quanti
   them): on a 2-core AMX Xeon 6x faster than MatMulNBits on a 512-token prompt and 2x at batch-16
   decode, as fast at batch 1. The price: one activation scale per call couples the rows of a
   batch (a sequence's logits move slightly with its neighbours).
-int4: MatMulNBits - 4-bit weights in blocks of 32, activations quantized to int8 per block and row
-  (accuracy level 4); the fastest batch-1 decode, slow on prompts (the int8 graph takes those).
+int4: MatMulNBits - 4-bit weights in blocks of 32 (or 64, 128: fewer fp32 scales to read, faster
+  decode steps, coarser weights), activations quantized to int8 per block and row (accuracy level 4);
+  the fastest batch-1 decode, slow on prompts (the int8 graph takes those).
 
 ``keep`` holds MatMuls back from the plain recipe, by node name, one rung each (cheapest first):
   "fp32_activations" - MatMulNBits with the variant's weight bits, activations left in fp32;
@@ -23,6 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 BLOCK_SIZE = 32
+BLOCK_SIZES = (32, 64, 128)  # 4-bit blocks offered; 8-bit MatMulNBits (an int4 graph's int8 rung) keeps 32
 ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: the fast CPU path (AVX2 / VNNI)
 FP32_ACTIVATIONS = 1
 RUNGS = ("fp32_activations", "int8", "fp32")
@@ -89,18 +91,21 @@ def _dynamic_int8_pass(model: onnx.ModelProto, exclude: set[str]) -> onnx.ModelP
 
 def quantize_matmuls(model: onnx.ModelProto, bits: int, block_size: int = BLOCK_SIZE,
                      keep: dict[str, str] | None = None) -> tuple[onnx.ModelProto, int]:
-    """Returns the quantized model and how many MatMuls became quantized ops."""
+    """Returns the quantized model and how many MatMuls became quantized ops. ``block_size``: the
+    4-bit weights' block (an int4 graph's int8 rung and int8 graphs use BLOCK_SIZE)."""
     keep = keep or {}
+    if block_size not in BLOCK_SIZES or (bits == 8 and block_size != BLOCK_SIZE):
+        raise ValueError(f"block size {block_size} is not offered for int{bits} (4-bit: {BLOCK_SIZES}; 8-bit: {BLOCK_SIZE})")
     if bad := {k: v for k, v in keep.items() if v not in RUNGS or (v == "int8" and bits == 8)}:
         raise ValueError(f"cannot keep {bad} in an int{bits} graph")
     before = sum(n.op_type == "MatMul" for n in model.graph.node)
     fp32 = [n for n, rung in keep.items() if rung == "fp32"]
     if bits == 8:  # the rest of the int8 recipe; held-back MatMuls stay for the MatMulNBits pass below
-        out = _nbits_pass(_dynamic_int8_pass(model, set(keep)), 8, block_size, fp32)
+        out = _nbits_pass(_dynamic_int8_pass(model, set(keep)), 8, BLOCK_SIZE, fp32)
     else:
         out = _nbits_pass(model, bits, block_size, [n for n, rung in keep.items() if rung in ("int8", "fp32")])
         if any(rung == "int8" for rung in keep.values()):
-            out = _nbits_pass(out, 8, block_size, fp32)
+            out = _nbits_pass(out, 8, BLOCK_SIZE, fp32)
     fp32_acts = {n for n, rung in keep.items() if rung == "fp32_activations"}
     for node in out.graph.node:
         if node.op_type == "MatMulNBits" and node.name.rsplit(SUFFIX, 1)[0] in fp32_acts:

@@ -3,7 +3,7 @@
 | target | precision | graph |
 | cpu, cuda | fp32 | fused for onnxruntime (GroupQueryAttention, shared KV), same data file as the base |
 | cpu | int8 | fused + DynamicQuantizeMatMul (int8 weights, head included), own data file |
-| cpu | int4 | fused + MatMulNBits 4-bit weights for decode steps; prompts run on the int8 graph |
+| cpu | int4 | fused + MatMulNBits 4-bit weights (blocks of 32, 64 or 128) for decode steps; prompts run on the int8 graph |
 | cuda | fp16 | fused, fp16 with LayerNorm and softmax in fp32, own data file |
 | trt | fp32 | the standard last-position graph itself (TensorRT parses standard ops only) |
 | trt | fp16 | the standard graph in fp16 with fp32 islands, own data file |
@@ -23,7 +23,7 @@ from ..runtime.bundle import BASE_DATA, GENERATION_GRAPH
 from .fuse import fuse_for_ort
 from .fusions import tied_head_matmul
 from .precision import to_fp16
-from .quantize import QUANTIZED_OPS, SUFFIX, fold_bias, quantize_matmuls
+from .quantize import BLOCK_SIZE, BLOCK_SIZES, QUANTIZED_OPS, SUFFIX, fold_bias, quantize_matmuls
 
 TARGETS = {"cpu": ("fp32", "int8", "int4"), "cuda": ("fp32", "fp16"), "trt": ("fp32", "fp16")}
 # Verification gates against the fp32 PyTorch reference. fp32 is held elementwise; reduced
@@ -54,12 +54,14 @@ class Variant:
     ops: dict
     kept: dict | None = None  # MatMul name -> rung held back from the plain recipe (quantize.py)
     prefill: dict | None = None  # {"file", "data"}: the graph prompts run on, when not this one
+    block_size: int | None = None  # int4: the 4-bit weights' block
 
     def manifest_entry(self) -> dict:
         entry = {"file": self.file, "data": self.data, "target": self.target, "precision": self.precision,
                  "kv_cache": self.kv_cache, "logits": "last", "fusions": self.fusions, "ops": self.ops,
                  "gate": GATES[self.precision]}
-        return entry | ({"kept": self.kept} if self.kept else {}) | ({"prefill": self.prefill} if self.prefill else {})
+        return (entry | ({"block_size": self.block_size} if self.block_size else {})
+                | ({"kept": self.kept} if self.kept else {}) | ({"prefill": self.prefill} if self.prefill else {}))
 
 
 def check_request(target: str, precision: str) -> None:
@@ -70,11 +72,16 @@ def check_request(target: str, precision: str) -> None:
                            f"(it has {', '.join(TARGETS[target])})")
 
 
+def check_int4_block_size(block_size: int) -> None:
+    if block_size not in BLOCK_SIZES:
+        raise VariantError(f"int4 block size {block_size} is not offered; choose {', '.join(map(str, BLOCK_SIZES))}")
+
+
 def build(folder: Path, target: str, precision: str, n_layer: int, keep: dict[str, str] | None = None,
-          prefill: Variant | None = None) -> Variant:
+          prefill: Variant | None = None, int4_block_size: int = BLOCK_SIZE) -> Variant:
     """Write the variant's graph (and data) into ``folder``, which holds the base graphs. ``keep``
     (int8/int4 only) holds named MatMuls back from the plain recipe (see quantize.py); ``prefill``
-    (cpu-int4 only) is the built graph its prompts run on."""
+    (cpu-int4 only) is the built graph its prompts run on; ``int4_block_size`` is read by cpu-int4 only."""
     check_request(target, precision)
     name = f"{target}-{precision}"
     if prefill is not None and (target, precision, prefill.kv_cache) != ("cpu", "int4", "shared"):
@@ -97,7 +104,8 @@ def build(folder: Path, target: str, precision: str, n_layer: int, keep: dict[st
     if precision in ("int8", "int4"):
         counts["tied_head_matmul"] = tied_head_matmul.rules.apply_to_model(fused)
         proto = _with_data(fused, folder)
-        proto, counts["quantized_matmuls"] = quantize_matmuls(proto, bits=8 if precision == "int8" else 4, keep=keep)
+        bits, block = (8, BLOCK_SIZE) if precision == "int8" else (4, int4_block_size)
+        proto, counts["quantized_matmuls"] = quantize_matmuls(proto, bits, block, keep)
         counts["bias_into_quantized"] = fold_bias(proto)
         wanted = 4 * n_layer + 1 - sum(rung == "fp32" for rung in (keep or {}).values())
         if counts["tied_head_matmul"] != 1 or counts["quantized_matmuls"] != wanted:
@@ -106,7 +114,8 @@ def build(folder: Path, target: str, precision: str, n_layer: int, keep: dict[st
         proto = to_fp16(_with_data(fused, folder))
     _save(proto, folder / file, data)
     return Variant(name, target, precision, file, data, "shared", counts, _ops(proto), keep or None,
-                   {"file": prefill.file, "data": prefill.data} if prefill else None)
+                   {"file": prefill.file, "data": prefill.data} if prefill else None,
+                   int4_block_size if precision == "int4" else None)
 
 
 def _with_data(model: ir.Model, folder: Path) -> onnx.ModelProto:

@@ -70,6 +70,7 @@ def test_variants_in_the_manifest(trained_bundle):
         assert g["ops"][op] == 4 * L + 1 and "MatMul" not in g["ops"]  # the tied head too
         assert g["fusions"]["tied_head_matmul"] == 1
         assert g["fusions"]["bias_into_quantized"] == 3 * L  # qkv, attention out, MLP out (fc's is in FastGelu)
+    assert m["graphs"]["cpu-int4"]["block_size"] == 32 and "block_size" not in m["graphs"]["cpu-int8"]
     for name in ("cpu-fp32", "cpu-int8", "cpu-int4"):  # the CPU keeps Add + LayerNormalization (fuse.py)
         assert "SkipLayerNormalization" not in m["graphs"][name]["ops"] and m["graphs"][name]["ops"]["LayerNormalization"] == 2 * L + 1
     assert m["graphs"]["cuda-fp16"]["ops"]["SkipLayerNormalization"] == 2 * L

@@ -3,12 +3,18 @@ gate still exports, holding back only the MatMuls that cost the accuracy; the ma
 
 import json
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
 
 from cpm_deploy.cli.export import main as export_cli
 from cpm_deploy.exporter.quality import Search, _ddmin, fit_to_gate
+from cpm_deploy.optimize.quantize import quantize_matmuls
 from cpm_deploy.runtime import CPMGenerator
+from cpm_deploy.runtime.evaluate import perplexity
 
 
 def test_ddmin_finds_exactly_the_sensitive_matmuls():
@@ -71,3 +77,47 @@ def test_when_nothing_helps_the_error_gives_the_numbers_and_the_way_forward(wide
                                              "-q"])
     assert result.exit_code == 1 and "reached at best mean KL" in result.output and "--max-kl" in result.output
     assert not (tmp_path / "b").exists()
+
+
+def chained_matmuls(rng) -> onnx.ModelProto:
+    """y = (x @ A) @ B, both weights constant and 256 deep (two blocks of 128)."""
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (256, 256)).astype(np.float32), n) for n in ("A", "B")]
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"], name="a"), helper.make_node("MatMul", ["h", "B"], ["y"], name="b")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 256])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_int4_block_size_sets_the_4bit_blocks_and_leaves_the_int8_rung_at_32():
+    rng = np.random.default_rng(0)
+    x = {"x": rng.normal(0, 1, (4, 256)).astype(np.float32)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    want = run(chained_matmuls(np.random.default_rng(1)))
+    errors = {}
+    for block in (32, 64, 128):
+        out, n = quantize_matmuls(chained_matmuls(np.random.default_rng(1)), bits=4, block_size=block, keep={"b": "int8"})
+        attrs = {node.name: {a.name: a.i for a in node.attribute} for node in out.graph.node}
+        assert n == 2 and (attrs["a_Q4"]["bits"], attrs["a_Q4"]["block_size"]) == (4, block)
+        assert (attrs["b_Q8"]["bits"], attrs["b_Q8"]["block_size"]) == (8, 32)
+        errors[block] = float(np.sqrt(np.mean((run(out) - want) ** 2)) / np.sqrt(np.mean(want ** 2)))
+    assert errors[32] < errors[64] < errors[128] < 0.2, errors  # coarser blocks cost accuracy, in order
+    with pytest.raises(ValueError, match="not offered"):
+        quantize_matmuls(chained_matmuls(rng), bits=8, block_size=64)
+
+
+def test_export_int4_with_larger_blocks(trained_hf, tmp_path):
+    from conftest import corpus_lines
+
+    asked = ["-P", "int4", "--int4-block-size", "128", "--variants-only", "-q"]
+    result = CliRunner().invoke(export_cli, [str(trained_hf), str(tmp_path / "b"), *asked])
+    assert result.exit_code == 0, result.output
+    graph = json.loads((tmp_path / "b" / "manifest.json").read_text())["graphs"]["cpu-int4"]
+    assert graph["block_size"] == 128 and graph["parity"]["passed"]
+    nodes = onnx.load(str(tmp_path / "b" / graph["file"]), load_external_data=False).graph.node
+    assert {next(a.i for a in n.attribute if a.name == "block_size") for n in nodes if n.op_type == "MatMulNBits"} == {128}
+    gen = CPMGenerator.from_bundle(tmp_path / "b", variant="cpu-int4", threads=1)
+    text = [gen.tokenizer.encode(line) + [gen.tokenizer.eod_id] for line in corpus_lines(30)]
+    assert perplexity(gen.decoder, text) < 100  # still the model that learnt these lines
+
+    wrong = CliRunner().invoke(export_cli, [str(trained_hf), str(tmp_path / "c"), "-P", "int8", "--int4-block-size", "64"])
+    assert wrong.exit_code == 2 and "add -P int4" in wrong.output and not (tmp_path / "c").exists()
