@@ -33,61 +33,71 @@ def main():
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/cpm-quality"))
     ap.add_argument("--lines", type=int, default=100)
     ap.add_argument("--checkpoint", type=Path, help="a model this script trained before (skips training)")
+    ap.add_argument("--int4-block-sizes", type=lambda v: [int(b) for b in v.split(",") if b], default=[64, 128],
+                    help="cpu-int4 measured again with these 4-bit block sizes (comma-separated; '' for none)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/out/quality.json"))
     args = ap.parse_args()
-
-    import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
     from trained_tiny import train
 
     from cpm_deploy.exporter import ExportOptions, export_bundle, load_checkpoint
-    from cpm_deploy.runtime import Bundle, CPMGenerator
-    from cpm_deploy.runtime.evaluate import log_softmax, next_token_logits, perplexity
 
     lines = [x for x in args.corpus.read_text(encoding="utf-8").splitlines() if x.strip()]
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    args.workdir.mkdir(parents=True)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    for old in args.workdir.glob("bundle*"):  # not the whole workdir: --checkpoint may live there
+        shutil.rmtree(old)
     ckpt = args.checkpoint or train(args.vocab, lines[:TRAIN_LINES], args.workdir / "trained", RECIPE)
     held_out = lines[TRAIN_LINES:TRAIN_LINES + args.lines]
     bundle = args.workdir / "bundle"
     export_bundle(ckpt, bundle, ExportOptions(variants=VARIANTS))
-    manifest = Bundle.open(bundle).manifest
     reference = load_checkpoint(ckpt).model
-    rows = {}
-    for target, precision in VARIANTS:
-        name = f"{target}-{precision}"
-        gen = CPMGenerator.from_bundle(bundle, variant=name, verify=False)
-        texts = [gen.tokenizer.encode(t) + [gen.tokenizer.eod_id] for t in held_out]
-        agree = total = 0
-        kl, worst = [], 0.0
-        for ids in texts:
-            got = next_token_logits(gen.decoder, ids)
-            with torch.no_grad():
-                want = reference(torch.tensor([ids]))[0][0, :-1].numpy()
-            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
-            total += len(ids) - 1
-            lp, lq = log_softmax(want), log_softmax(got)
-            kl.append(np.sum(np.exp(lp) * (lp - lq), -1))
-            worst = max(worst, float(np.abs(got - want).max()))
-        g = manifest["graphs"][name]
-        size = manifest["files"][g["file"]]["bytes"] + manifest["files"][g["data"]]["bytes"]
-        if g.get("prefill"):  # cpu-int4 also reads the int8 graph, for prompts
-            size += manifest["files"][g["prefill"]["file"]]["bytes"] + manifest["files"][g["prefill"]["data"]]["bytes"]
-        rows[name] = {"bytes": size, "perplexity": perplexity(gen.decoder, texts, batch=1),
-                      "perplexity_batch8": perplexity(gen.decoder, texts, batch=8), "top1_agreement": agree / total,
-                      "mean_kl": float(np.mean(np.concatenate(kl))), "logits_max_abs_diff": worst, "positions": total}
+    rows = {f"{t}-{p}": measure(bundle, f"{t}-{p}", reference, held_out) for t, p in VARIANTS}
+    for block in args.int4_block_sizes:  # cpu-int4 again, with coarser 4-bit blocks
+        other = args.workdir / f"bundle-int4-b{block}"
+        export_bundle(ckpt, other, ExportOptions(variants=(("cpu", "int4"),), variants_only=True, int4_block_size=block))
+        rows[f"cpu-int4 b{block}"] = measure(other, "cpu-int4", reference, held_out)
     base = rows["cpu-fp32"]["perplexity"]
     print(f"small CPM trained on {TRAIN_LINES} TNEWS headlines; {len(held_out)} held-out headlines, "
           f"{rows['cpu-fp32']['positions']} positions")
-    print(f"{'graph':<10} {'MB':>6} {'perplexity':>10} {'vs fp32':>8} {'in batch 8':>10} {'top-1':>7} {'mean KL':>9} "
+    print(f"{'graph':<14} {'MB':>6} {'perplexity':>10} {'vs fp32':>8} {'in batch 8':>10} {'top-1':>7} {'mean KL':>9} "
           f"{'max|Δ|':>7}")
     for name, r in rows.items():
-        print(f"{name:<10} {r['bytes'] / 1e6:>6.1f} {r['perplexity']:>10.2f} {r['perplexity'] / base:>7.3f}x "
+        print(f"{name:<14} {r['bytes'] / 1e6:>6.1f} {r['perplexity']:>10.2f} {r['perplexity'] / base:>7.3f}x "
               f"{r['perplexity_batch8']:>10.2f} {r['top1_agreement']:>7.2%} {r['mean_kl']:>9.1e} "
               f"{r['logits_max_abs_diff']:>7.3f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def measure(bundle: Path, name: str, reference, held_out: list[str]) -> dict:
+    """One graph of a bundle against the fp32 PyTorch reference, teacher-forced on ``held_out``."""
+    import torch
+
+    from cpm_deploy.runtime import Bundle, CPMGenerator
+    from cpm_deploy.runtime.evaluate import log_softmax, next_token_logits, perplexity
+
+    manifest = Bundle.open(bundle).manifest
+    gen = CPMGenerator.from_bundle(bundle, variant=name, verify=False)
+    texts = [gen.tokenizer.encode(t) + [gen.tokenizer.eod_id] for t in held_out]
+    agree = total = 0
+    kl, worst = [], 0.0
+    for ids in texts:
+        got = next_token_logits(gen.decoder, ids)
+        with torch.no_grad():
+            want = reference(torch.tensor([ids]))[0][0, :-1].numpy()
+        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+        total += len(ids) - 1
+        lp, lq = log_softmax(want), log_softmax(got)
+        kl.append(np.sum(np.exp(lp) * (lp - lq), -1))
+        worst = max(worst, float(np.abs(got - want).max()))
+    g = manifest["graphs"][name]
+    size = manifest["files"][g["file"]]["bytes"] + manifest["files"][g["data"]]["bytes"]
+    if g.get("prefill"):  # cpu-int4 also reads the int8 graph, for prompts
+        size += manifest["files"][g["prefill"]["file"]]["bytes"] + manifest["files"][g["prefill"]["data"]]["bytes"]
+    return {"bytes": size, "perplexity": perplexity(gen.decoder, texts, batch=1),
+            "perplexity_batch8": perplexity(gen.decoder, texts, batch=8), "top1_agreement": agree / total,
+            "mean_kl": float(np.mean(np.concatenate(kl))), "logits_max_abs_diff": worst, "positions": total}
 
 
 if __name__ == "__main__":
