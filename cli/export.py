@@ -37,6 +37,7 @@ def variants_table(manifest: dict) -> Table:
         gate = g.get("gate", {"atol": p["atol"]})
         gate = f"KL≤{gate['max_mean_kl']:g}" if "max_mean_kl" in gate else f"|Δ|≤{gate['atol']:g}"
         default = "*" if name == manifest.get("default_graph") else ""
+        default += f" (4-bit blocks of {g['block_size']})" if g.get("block_size", 32) != 32 else ""
         held = g.get("held_back")
         held = (f"{len(held['kept'])} MatMul(s): {', '.join(sorted(set(held['kept'].values())))}; "
                 f"plain KL {held['plain_mean_kl']:.1e}, step {held['plain_step_ms']:.2f} → {held['step_ms']:.2f} ms"

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from cpm_deploy.cli.export import main as export_cli
+from cpm_deploy.cli.export import main as export_cli, variants_table
 from cpm_deploy.exporter.quality import Search, _ddmin, fit_to_gate
 from cpm_deploy.optimize.quantize import quantize_matmuls
 from cpm_deploy.runtime import CPMGenerator
@@ -111,8 +111,10 @@ def test_export_int4_with_larger_blocks(trained_hf, tmp_path):
     asked = ["-P", "int4", "--int4-block-size", "128", "--variants-only", "-q"]
     result = CliRunner().invoke(export_cli, [str(trained_hf), str(tmp_path / "b"), *asked])
     assert result.exit_code == 0, result.output
-    graph = json.loads((tmp_path / "b" / "manifest.json").read_text())["graphs"]["cpu-int4"]
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    graph = manifest["graphs"]["cpu-int4"]
     assert graph["block_size"] == 128 and graph["parity"]["passed"]
+    assert "cpu-int4* (4-bit blocks of 128)" in variants_table(manifest).columns[0]._cells  # the export's table says so
     nodes = onnx.load(str(tmp_path / "b" / graph["file"]), load_external_data=False).graph.node
     assert {next(a.i for a in n.attribute if a.name == "block_size") for n in nodes if n.op_type == "MatMulNBits"} == {128}
     gen = CPMGenerator.from_bundle(tmp_path / "b", variant="cpu-int4", threads=1)
