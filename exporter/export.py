@@ -16,6 +16,7 @@ import onnx
 
 from .. import __version__
 from ..optimize import variants
+from ..optimize.quantize import BLOCK_SIZE
 from ..runtime.bundle import (BASE_DATA, FORMAT, FORMAT_VERSION, FULL_GRAPH, GENERATION_GRAPH, HF_CONFIG, MANIFEST,
                               sha256_file)
 from ..runtime.session import OnnxRuntimeRunner, SharedKVRunner
@@ -59,7 +60,7 @@ class ExportOptions:
     max_kl: float | None = None  # a looser (or tighter) KL gate for fp16/int8/int4 variants than GATES
     fallback: bool = True  # int8/int4 missing the gate: hold back the MatMuls that cost the accuracy
     int4_prefill: bool = True  # cpu-int4 runs prompts on the int8 graph (built for it when not asked for)
-    int4_block_size: int = 32  # cpu-int4's 4-bit weight blocks: 32, 64 or 128 (faster decode, coarser weights)
+    int4_block_size: int = BLOCK_SIZE  # cpu-int4's 4-bit weight blocks: 32, 64 or 128 (faster decode, coarser weights)
 
 
 def tool_versions() -> dict:
@@ -260,19 +261,20 @@ def _hold_back(folder: Path, plain, plain_report: dict, n_layer: int, expected, 
             "plain_mean_kl": plain_report["mean_kl"]}
     matmuls = variants.quantized_matmuls(folder, plain)
 
+    def rebuild(keep):
+        return variants.build(folder, plain.target, plain.precision, n_layer, keep=keep, prefill=prefill,
+                              int4_block_size=options.int4_block_size)
+
     def evaluate(keep):
         progress(len(search.tried))
-        v = variants.build(folder, plain.target, plain.precision, n_layer, keep=keep, prefill=prefill,
-                           int4_block_size=options.int4_block_size)
-        return _verify_variant(folder, v, expected, options)["mean_kl"]
+        return _verify_variant(folder, rebuild(keep), expected, options)["mean_kl"]
 
     search = Search(evaluate, _max_kl(plain.precision, options))
     keep = fit_to_gate(plain.precision, matmuls, search)
     if keep is None:
         raise ParityError(plain_report, _miss_message(_label(f"{plain.target}-{plain.precision}", options),
                                                       plain.precision, plain_report, options, search.best_kl))
-    final = variants.build(folder, plain.target, plain.precision, n_layer, keep=keep, prefill=prefill,
-                           int4_block_size=options.int4_block_size)
+    final = rebuild(keep)
     entry = final.manifest_entry()
     entry["parity"] = _verify_variant(folder, final, expected, options)
     entry["held_back"] = {**cost, "kept": keep, "builds": len(search.tried) + 1,

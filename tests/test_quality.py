@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cpm_deploy.cli.export import main as export_cli, variants_table
 from cpm_deploy.exporter.quality import Search, _ddmin, fit_to_gate
-from cpm_deploy.optimize.quantize import quantize_matmuls
+from cpm_deploy.optimize.quantize import BLOCK_SIZES, quantize_matmuls
 from cpm_deploy.runtime import CPMGenerator
 from cpm_deploy.runtime.evaluate import perplexity
 
@@ -121,5 +121,7 @@ def test_export_int4_with_larger_blocks(trained_hf, tmp_path):
     text = [gen.tokenizer.encode(line) + [gen.tokenizer.eod_id] for line in corpus_lines(30)]
     assert perplexity(gen.decoder, text) < 100  # still the model that learnt these lines
 
+    offered = next(p for p in export_cli.params if p.name == "int4_block_size").type.choices
+    assert [int(c) for c in offered] == list(BLOCK_SIZES)  # the CLI offers what the quantizer takes
     wrong = CliRunner().invoke(export_cli, [str(trained_hf), str(tmp_path / "c"), "-P", "int8", "--int4-block-size", "64"])
     assert wrong.exit_code == 2 and "add -P int4" in wrong.output and not (tmp_path / "c").exists()
