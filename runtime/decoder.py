@@ -6,7 +6,7 @@ Two graph kinds:
 - ``SharedKVDecoder``: the fused GroupQueryAttention graph. One KV buffer per layer is allocated
   at the needed capacity and written in place; prompts are right-padded with per-row lengths.
   A graph may name a second graph for prompts (cpu-int4 runs them on the int8 graph); both
-  sessions read and write the same KV buffers.
+  sessions read and write the same KV buffers, and decode steps of many rows run there too.
 Only the last valid position's logits are copied out.
 """
 
@@ -24,6 +24,10 @@ from .session import create_session
 # GroupQueryAttention computes the whole masked square of a prompt, so chunks skip most of the
 # upper triangle (512-token prompt, 2 cores: fp32 -9%, int8 -28%; 64-token chunks lose again).
 PREFILL_CHUNK = 256
+# With a prompt graph beside it (cpu-int4's int8 graph), decode steps of this many rows or more run
+# on that graph: 4-bit MatMulNBits loses to the int8 GEMM from 3 rows up (CPM-Small, 2 cores, ms
+# per step int4 / int8: b2 4.00 / 4.37, b3 5.54 / 4.76, b8 11.73 / 6.89).
+STEPS_ON_PROMPT_GRAPH_FROM = 3
 
 
 class _OrtDecoder:
@@ -46,8 +50,14 @@ class _OrtDecoder:
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.n_layer) for k in ("key", "value")]
         types = {i.name: i.type for i in self.session.get_inputs()}
+        self.steps_on_prompt_graph_from = STEPS_ON_PROMPT_GRAPH_FROM if not alone else None
         self.dtype = np.float16 if types[self.past_names[0]] == "tensor(float16)" else np.float32
         self.present_names = [f"present.{i}.{k}" for i in range(self.n_layer) for k in ("key", "value")]
+
+    def step_session(self, batch: int):
+        """The session a decode step of ``batch`` rows runs on."""
+        wide = self.steps_on_prompt_graph_from is not None and batch >= self.steps_on_prompt_graph_from
+        return self.prefill_session if wide else self.session
 
     def _kv(self, batch: int, length: int) -> list:
         """One buffer per layer and kind, owned by onnxruntime on the session's device.
@@ -129,8 +139,8 @@ class StepBinding:
     """
 
     def __init__(self, decoder: SharedKVDecoder, past: list, logits: np.ndarray | None = None):
-        ort, session = decoder.ort, decoder.session
         batch = past[0].shape()[0]
+        ort, session = decoder.ort, decoder.step_session(batch)
         self.session, self.past = session, past
         self.binding = session.io_binding()
         self.inputs = {"input_ids": np.zeros((batch, 1), np.int64), "position_ids": np.zeros((batch, 1), np.int64),
@@ -204,7 +214,8 @@ class SharedKVDecoder(_OrtDecoder):
     def run_step(self, tokens: np.ndarray, cached: np.ndarray, past: list) -> np.ndarray:
         """One token per row after ``cached`` [B] tokens already in that row's cache; logits [B, V].
         For many steps over the same buffers, ``step_binding(past).run`` binds them once."""
-        return self._run(self._step_feeds(tokens, cached), past, shared=True)[0]
+        session = self.step_session(len(tokens))
+        return self._run(self._step_feeds(tokens, cached), past, shared=True, session=session)[0]
 
     def step_binding(self, past: list, logits: np.ndarray | None = None) -> StepBinding:
         return StepBinding(self, past, logits)

@@ -98,6 +98,24 @@ def test_int4_runs_prompts_on_the_int8_graph(trained_bundle):
     assert not np.array_equal(g4.decoder.step(s4, tokens), g8.decoder.step(s8, tokens))  # steps are 4-bit
 
 
+def test_int4_steps_of_many_rows_run_on_the_int8_graph(trained_bundle):
+    g4 = CPMGenerator.from_bundle(trained_bundle, variant="cpu-int4", threads=1)
+    g8 = CPMGenerator.from_bundle(trained_bundle, variant="cpu-int8", threads=1)
+    many = decoder_module.STEPS_ON_PROMPT_GRAPH_FROM
+    assert g4.decoder.step_session(many - 1) is g4.decoder.session
+    assert g4.decoder.step_session(many) is g4.decoder.prefill_session
+    assert g8.decoder.step_session(64) is g8.decoder.session  # one graph: nothing to choose
+    rows = [[11, 12, 13], [14, 15], [16], [17, 18, 19, 20]][:many]
+    (l4, s4), (l8, s8) = g4.decoder.prefill(rows, capacity=9), g8.decoder.prefill(rows, capacity=9)
+    for t in range(4):  # through the kept binding
+        tokens = np.arange(20 + t, 20 + t + many)
+        np.testing.assert_array_equal(g4.decoder.step(s4, tokens), g8.decoder.step(s8, tokens))
+    p4, p8 = g4.decoder._kv(many, 9), g8.decoder._kv(many, 9)  # and the independent reference path
+    g4.decoder.run_prefill(rows, p4), g8.decoder.run_prefill(rows, p8)
+    cached, tokens = np.array([len(r) for r in rows]), np.arange(30, 30 + many)
+    np.testing.assert_array_equal(g4.decoder.run_step(tokens, cached, p4), g8.decoder.run_step(tokens, cached, p8))
+
+
 def test_int4_without_the_int8_prompt_graph(tmp_path, trained_hf):
     r = CliRunner().invoke(export_cli, [str(trained_hf), str(tmp_path / "b"), "-q", "-P", "int4", "--no-int4-prefill"])
     assert r.exit_code == 0, r.output
