@@ -12,6 +12,7 @@ Only the last valid position's logits are copied out.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,16 @@ class _OrtDecoder:
         """The session a decode step of ``batch`` rows runs on."""
         wide = self.steps_on_prompt_graph_from is not None and batch >= self.steps_on_prompt_graph_from
         return self.prefill_session if wide else self.session
+
+    @contextmanager
+    def own_graph_steps(self):
+        """Every decode step on this decoder's own graph, whatever its width: for measuring that
+        graph (cpm-eval scores many rows per call, and asks about cpu-int4, not its int8 graph)."""
+        saved, self.steps_on_prompt_graph_from = self.steps_on_prompt_graph_from, None
+        try:
+            yield self
+        finally:
+            self.steps_on_prompt_graph_from = saved
 
     def _kv(self, batch: int, length: int) -> list:
         """One buffer per layer and kind, owned by onnxruntime on the session's device.

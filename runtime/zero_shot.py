@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +100,9 @@ def classify(generator, task: Task, batch: int = 32, seq_len: int = SEQ_LEN,
     pending: list[tuple[int, list[int], list[int]]] = []  # (example, prompt ids, sentence ids)
 
     def flush():
-        lps = continuation_logprobs(generator.decoder, [p for _, p, _ in pending], [c for *_, c in pending], tok.pad_id)
+        with own_graph_steps(generator.decoder):
+            lps = continuation_logprobs(generator.decoder, [p for _, p, _ in pending], [c for *_, c in pending],
+                                        tok.pad_id)
         for (i, _, _), lp in zip(pending, lps):
             scores[i].append(float(-lp.mean()))
         pending.clear()
@@ -122,6 +125,11 @@ def classify(generator, task: Task, batch: int = 32, seq_len: int = SEQ_LEN,
     return {"predictions": [int(np.argmin(s)) for s in scores], "scores": scores}
 
 
+def own_graph_steps(decoder):
+    """Scores measure the graph asked for at any rows per call: cpu-int4's steps stay 4-bit."""
+    return decoder.own_graph_steps() if hasattr(decoder, "own_graph_steps") else nullcontext()
+
+
 def summarize(task: Task, predictions: list[int]) -> dict:
     gold = [e.label for e in task.examples]
     per_label = {name: {"examples": 0, "correct": 0, "predicted": 0} for name in task.labels}
@@ -141,5 +149,6 @@ def perplexity_of_lines(generator, lines: Iterable[str], batch: int = 32,
     texts = [(ids + [tok.eod_id])[:limit] for line in lines if line.strip() and (ids := tok.encode(line))]
     if not texts:
         raise EvalDataError("no text to score")
-    value = perplexity(generator.decoder, texts, batch, tok.pad_id, on_progress)
+    with own_graph_steps(generator.decoder):
+        value = perplexity(generator.decoder, texts, batch, tok.pad_id, on_progress)
     return {"lines": len(texts), "tokens": sum(len(t) - 1 for t in texts), "perplexity": value}

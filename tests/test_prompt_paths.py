@@ -116,6 +116,19 @@ def test_int4_steps_of_many_rows_run_on_the_int8_graph(trained_bundle):
     np.testing.assert_array_equal(g4.decoder.run_step(tokens, cached, p4), g8.decoder.run_step(tokens, cached, p8))
 
 
+def test_eval_scores_cpu_int4_on_its_4bit_graph_at_any_width(trained_bundle):
+    from cpm_deploy.runtime.zero_shot import perplexity_of_lines
+
+    g4 = CPMGenerator.from_bundle(trained_bundle, variant="cpu-int4", threads=1)
+    g8 = CPMGenerator.from_bundle(trained_bundle, variant="cpu-int8", threads=1)
+    with g4.decoder.own_graph_steps():
+        assert g4.decoder.step_session(64) is g4.decoder.session
+    assert g4.decoder.step_session(64) is g4.decoder.prefill_session  # as it was
+    lines = ["清华大学是中国著名的高等学府", "今天天气很好", "股市今天大幅上涨", "春节期间很多人回家"] * 2
+    # routed, the 8-row steps would run the int8 graph and read int8's perplexity exactly
+    assert perplexity_of_lines(g4, lines, batch=8) != perplexity_of_lines(g8, lines, batch=8)
+
+
 def test_int4_without_the_int8_prompt_graph(tmp_path, trained_hf):
     r = CliRunner().invoke(export_cli, [str(trained_hf), str(tmp_path / "b"), "-q", "-P", "int4", "--no-int4-prefill"])
     assert r.exit_code == 0, r.output
