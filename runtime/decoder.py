@@ -46,12 +46,12 @@ class _OrtDecoder:
         if not alone and _io(self.prefill_session) != _io(self.session):
             raise ValueError(f"the prompt graph {Path(prefill_path).name} does not take and give what "
                              f"{Path(path).name} does: they cannot share KV buffers")
+        self.steps_on_prompt_graph_from = None if alone else STEPS_ON_PROMPT_GRAPH_FROM
         self.n_layer, self.n_head = config["n_layer"], config["n_head"]
         self.head_dim = config["n_embd"] // config["n_head"]
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.n_layer) for k in ("key", "value")]
         types = {i.name: i.type for i in self.session.get_inputs()}
-        self.steps_on_prompt_graph_from = STEPS_ON_PROMPT_GRAPH_FROM if not alone else None
         self.dtype = np.float16 if types[self.past_names[0]] == "tensor(float16)" else np.float32
         self.present_names = [f"present.{i}.{k}" for i in range(self.n_layer) for k in ("key", "value")]
 
