@@ -26,8 +26,9 @@ from .session import create_session
 # upper triangle (512-token prompt, 2 cores: fp32 -9%, int8 -28%; 64-token chunks lose again).
 PREFILL_CHUNK = 256
 # With a prompt graph beside it (cpu-int4's int8 graph), decode steps of this many rows or more run
-# on that graph: 4-bit MatMulNBits loses to the int8 GEMM from 3 rows up (CPM-Small, 2 cores, ms
-# per step int4 / int8: b2 4.00 / 4.37, b3 5.54 / 4.76, b8 11.73 / 6.89).
+# on that graph: 4-bit MatMulNBits loses to the int8 GEMM from 3 rows up (2 cores, ms per step
+# int4 / int8; CPM-Small: b2 4.00 / 4.37, b3 5.54 / 4.76, b8 11.73 / 6.89; CPM-Large: b2 113 / 107,
+# b3 142 / 118, b8 232 / 132).
 STEPS_ON_PROMPT_GRAPH_FROM = 3
 
 
