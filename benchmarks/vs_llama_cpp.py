@@ -74,7 +74,8 @@ def int4_bundle(workdir: Path, preset: str, block: int) -> Path:
 
 
 def our_int4_weights(bundle: Path) -> dict[str, np.ndarray]:
-    """Layer weights (the head aside) of a cpu-int4 graph, dequantized: name -> [K, N]."""
+    """Layer weights (the head aside) of a cpu-int4 graph, dequantized, by GGUF name: [N, K] as
+    GGUF (and PyTorch's Linear) keeps them; transformer.h.3.mlp.c_fc.weight -> blk.3.ffn_up.weight."""
     import onnx
     from onnx import numpy_helper
 
@@ -91,8 +92,9 @@ def our_int4_weights(bundle: Path) -> dict[str, np.ndarray]:
         packed = numpy_helper.to_array(inits[node.input[1]])  # [N, blocks, block / 2] uint8, low nibble first
         scales = numpy_helper.to_array(inits[node.input[2]]).reshape(packed.shape[0], packed.shape[1], 1)
         q = np.stack([packed & 0xF, packed >> 4], -1).reshape(packed.shape[0], packed.shape[1], -1).astype(np.float32)
-        w = ((q - 8) * scales).reshape(attrs["N"], -1)[:, :attrs["K"]]  # symmetric: zero point 8
-        out[node.input[1].removesuffix("_Q4")] = w.T
+        parts = node.input[1].split(".")  # transformer.h.<layer>.<attn|mlp>.<c_attn|c_proj|c_fc>.weight_Q4
+        name = f"blk.{parts[2]}.{LINEAR[parts[3] + '.' + parts[4]]}.weight"
+        out[name] = ((q - 8) * scales).reshape(attrs["N"], -1)[:, :attrs["K"]]  # symmetric: zero point 8
     return out
 
 
@@ -103,28 +105,19 @@ def weight_error(ggufs: dict, int4_bundles: dict, gguf_py: Path) -> dict:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    def tensors(path):
+    def layer_linears(path):
         return {t.name: dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-                for t in GGUFReader(path).tensors if t.name.startswith("blk.")}
+                for t in GGUFReader(path).tensors  # blk.<layer>.<linear>.weight, biases and norms aside
+                if t.name.startswith("blk.") and t.name.endswith(".weight") and t.name.split(".")[2] in LINEAR.values()}
 
-    ref = tensors(ggufs["f32"])
+    ref = layer_linears(ggufs["f32"])
 
     def rel(got: dict[str, np.ndarray]) -> float:
         err = sum(float(np.sum((got[k] - ref[k]) ** 2)) for k in got)
         return round((err / sum(float(np.sum(ref[k] ** 2)) for k in got)) ** 0.5, 5)
 
-    errors = {"llama.cpp q4_0": rel({k: v for k, v in tensors(ggufs["q4_0"]).items() if k in _quantized(ref)})}
-    for name, bundle in int4_bundles.items():
-        ours_w = {}
-        for hf, w in our_int4_weights(bundle).items():  # transformer.h.3.mlp.c_fc.weight -> blk.3.ffn_up.weight
-            layer, sub = hf.split(".")[2], ".".join(hf.split(".")[3:5])
-            ours_w[f"blk.{layer}.{LINEAR[sub]}.weight"] = w.T  # GGUF keeps [N, K] (PyTorch Linear order)
-        errors[name] = rel(ours_w)
-    return errors
-
-
-def _quantized(ref: dict) -> set[str]:
-    return {k for k in ref if any(k.endswith(f"{v}.weight") for v in LINEAR.values())}
+    return {"llama.cpp q4_0": rel(layer_linears(ggufs["q4_0"])),
+            **{name: rel(our_int4_weights(bundle)) for name, bundle in int4_bundles.items()}}
 
 
 def _median(rounds: list[dict]) -> dict:
