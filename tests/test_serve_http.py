@@ -143,11 +143,14 @@ def test_a_full_queue_answers_429_at_once(busy_server):
 
 
 def test_a_request_past_its_timeout_gets_504(tiny_bundle):
+    # greedy: sampled, the tiny model drew <eod> within 0.3 s in ~1 of 20 requests (a 200, not a 504);
+    # greedy it runs all 1000 tokens (~0.75 s)
+    long = {"prompt": "清华", "max_tokens": 1000, "temperature": 0}
     with serve_process(tiny_bundle, "-g", "cpu-fp32", "-t", "1", "--timeout", "0.3") as (_, base):
         t0 = time.perf_counter()
-        r = httpx.post(f"{base}/v1/completions", json={"prompt": "清华", "max_tokens": 1000}, timeout=30)
+        r = httpx.post(f"{base}/v1/completions", json=long, timeout=30)
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout" and time.perf_counter() - t0 < 1
-        s = httpx.post(f"{base}/v1/completions", json={"prompt": "清华", "max_tokens": 1000, "stream": True}, timeout=30)
+        s = httpx.post(f"{base}/v1/completions", json=long | {"stream": True}, timeout=30)
         assert "timed out" in json.loads(s.text.strip().rsplit("data: ", 1)[1])["error"]["message"]
         assert metric(base, "cpm_running_sequences") == 0
 
