@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import huge_pages
 from .padding import left_pad
 from .session import create_session
 
@@ -41,12 +42,14 @@ class _OrtDecoder:
         # two sessions take turns on the same cores: neither may keep its threads spinning once its
         # run is done (cpu-int4, 2 cores: 512-token prompt ~10% faster, decode steps unchanged)
         alone = prefill_path is None
+        before = huge_pages.snapshot() if provider == "cpu" else None
         self.session = create_session(path, provider, threads, spin_after_run=alone)
         self.prefill_session = self.session if alone else create_session(prefill_path, provider, threads,
                                                                           spin_after_run=False)
         if not alone and _io(self.prefill_session) != _io(self.session):
             raise ValueError(f"the prompt graph {Path(prefill_path).name} does not take and give what "
                              f"{Path(path).name} does: they cannot share KV buffers")
+        self.huge_pages = huge_pages.collapse_since(before)  # the weights onto 2 MiB pages, in the background
         self.steps_on_prompt_graph_from = None if alone else STEPS_ON_PROMPT_GRAPH_FROM
         self.n_layer, self.n_head = config["n_layer"], config["n_head"]
         self.head_dim = config["n_embd"] // config["n_head"]
