@@ -1,6 +1,7 @@
 """cpm-serve under load, against the runtime called the two ways a user would without it.
 
-For each graph (CPM-Small shape, random weights; fp32 and int8) and each client count C:
+For each graph (CPM-Small shape, random weights; fp32 and int8 unless --graphs names others,
+cpu-int4 among them) and each client count C:
   serve    - cpm-serve (a separate process, all cores), C concurrent streaming clients (httpx),
              each sending one headline and reading 64 new tokens (greedy);
   threads  - (a) one CPMGenerator in this process, one thread per request, streaming;
@@ -128,7 +129,7 @@ def start_server(bundle: Path, graph: str, port: int, max_batch: int, threads: i
     raise RuntimeError("cpm-serve did not become ready")
 
 
-def ensure_bundle(workdir: Path) -> Path:
+def ensure_bundle(workdir: Path, graphs: list[str]) -> Path:
     from cpm_deploy.exporter import ExportOptions, export_bundle
     from cpm_deploy.exporter.checkpoint_tools import write_random_checkpoint
     from cpm_deploy.exporter.config import CPMConfig
@@ -136,11 +137,18 @@ def ensure_bundle(workdir: Path) -> Path:
 
     bundle = workdir / "small-bundle"
     if not bundle.exists():
+        unknown = [g for g in graphs if g not in ("cpu-fp32", "cpu-int8", "cpu-int4")]
+        if unknown:
+            sys.exit(f"serve_load exports cpu-fp32, cpu-int8 and cpu-int4 only, not {', '.join(unknown)}")
         write_random_checkpoint(CPMConfig.from_preset("small"), workdir / "small-ckpt", seed=0, tokenizer=DEFAULT_VOCAB,
                                 overwrite=True)
-        export_bundle(workdir / "small-ckpt", bundle, ExportOptions(variants=(("cpu", "fp32"), ("cpu", "int8"))))
+        variants = tuple(("cpu", g.split("-")[1]) for g in graphs)
+        export_bundle(workdir / "small-ckpt", bundle, ExportOptions(variants=variants))
     else:  # exported by whatever code ran before: say so, a stale bundle measures old graphs
         print(f"reusing {bundle}; delete it to export with this code", flush=True)
+        missing = [g for g in graphs if g not in json.loads((bundle / "manifest.json").read_text())["graphs"]]
+        if missing:
+            sys.exit(f"{bundle} has no {', '.join(missing)}; delete it to export again")
     return bundle
 
 
@@ -168,7 +176,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "serve_load.json")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    bundle = ensure_bundle(args.workdir)
+    bundle = ensure_bundle(args.workdir, args.graphs)
 
     from cpm_deploy.runtime import CPMGenerator
 
