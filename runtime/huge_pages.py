@@ -4,10 +4,10 @@ A decode step streams every weight once per token. onnxruntime keeps its weights
 its kernels) in plain ``malloc`` memory, which under the usual ``madvise`` THP setting stays on
 4 KiB pages: a TLB miss every 4 KiB of a step's hundreds of megabytes. The anonymous memory
 mapped while a decoder's sessions are created is collapsed into 2 MiB pages (``MADV_COLLAPSE``)
-by a low-priority background thread: collapsing costs ~2.7 ms per MB (CPM-Small fp32: 1.2 s), so
+by a low-priority background thread: collapsing costs ~2.5 ms per MB (CPM-Small fp32: ~1 s), so
 loading does not wait for it, and the kernel keeps the memory's contents while it works.
-CPM-Small, 2 cores, interleaved in one process: fp32 decode +9%, int8 +8%, int4 +2%.
-``CPM_DEPLOY_HUGE_PAGES=0`` turns it off.
+CPM-Small, 2 cores, batch-1 decode interleaved in one process, three runs: fp32 +9 to +14%,
+int8 +8 to +16%, int4 +2 to +7%. ``CPM_DEPLOY_HUGE_PAGES=0`` turns it off.
 """
 
 from __future__ import annotations
