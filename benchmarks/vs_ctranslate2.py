@@ -5,7 +5,8 @@
 
 Every system gets the same token ids (CTranslate2 takes them as vocabulary strings; the tokenizer
 plays no part in the timing), the same threads, greedy, exactly N new tokens:
-  TTFT          = wall time of a 1-token generation (prefill + first choice), median of repeats;
+  TTFT          = wall time of a 1-token generation (prefill + first choice), median of repeats
+                  (--ttft-repeats of them, 9 by default; --repeats, 5, of each N-token generation);
   every cell is timed for all systems in turn, repeat after repeat (round-robin), so that
   a slow minute on this machine is shared by all of them;
   decode tok/s  = batch x (N - 1) / (T(N) - T(1));
@@ -98,6 +99,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ttft-repeats", type=int, default=9,
+                    help="repeats of the 1-token cells (TTFT, and T(1) of decode): single repeats of a prompt "
+                         "spread 0.87-1.18x around the median here, so they get more")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "vs_ctranslate2.json")
     args = ap.parse_args()
 
@@ -136,7 +140,7 @@ def main() -> None:
     for key, rows, n in cells:
         for run in systems.values():
             run(rows, min(n, 2))  # warm-up of this shape
-        for _ in range(args.repeats):
+        for _ in range(args.ttft_repeats if n == 1 else args.repeats):
             for name, run in systems.items():
                 times[name].setdefault((key, n), []).append(timed(run, rows, n))
         print(key, n, {name: round(1000 * statistics.median(t[(key, n)]), 1) for name, t in times.items()}, flush=True)
