@@ -186,6 +186,7 @@ def report(results: dict, same: dict, spread: dict, args) -> None:
         print(f"{name:<12}" + "".join(f"{c.split('_')[1]} {c.split('_')[0]}: {lo:.2f}-{hi:.2f}  " for c, (lo, hi) in cells.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"preset": args.preset, "threads": args.threads, "new_tokens": args.new,
+                                    "repeats": args.repeats, "ttft_repeats": args.ttft_repeats,
                                     "same_greedy_tokens": same, "results": results, "ratios": ratios,
                                     "ttft_ratio_range": spread}, indent=2) + "\n")
 
