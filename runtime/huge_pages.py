@@ -6,8 +6,8 @@ its kernels) in plain ``malloc`` memory, which under the usual ``madvise`` THP s
 mapped while a decoder's sessions are created is collapsed into 2 MiB pages (``MADV_COLLAPSE``)
 by a low-priority background thread: collapsing costs ~2.5 ms per MB (CPM-Small fp32: ~1 s), so
 loading does not wait for it, and the kernel keeps the memory's contents while it works.
-CPM-Small, 2 cores, batch-1 decode interleaved in one process, three runs: fp32 +9 to +14%,
-int8 +8 to +16%, int4 +2 to +7%; CPM-Large: int4 +14%, int8 +13% (collapsed in 5 / 8 s).
+CPM-Small, 2 cores, batch-1 decode interleaved in one process, four runs: fp32 +9 to +15%,
+int8 +8 to +16%, int4 +1 to +7%; CPM-Large: int4 +14%, int8 +13% (collapsed in 5 / 8 s).
 ``CPM_DEPLOY_HUGE_PAGES=0`` turns it off.
 """
 
