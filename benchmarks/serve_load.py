@@ -133,6 +133,7 @@ def ensure_bundle(workdir: Path, graphs: list[str]) -> Path:
     from cpm_deploy.exporter import ExportOptions, export_bundle
     from cpm_deploy.exporter.checkpoint_tools import write_random_checkpoint
     from cpm_deploy.exporter.config import CPMConfig
+    from cpm_deploy.runtime import Bundle
     from cpm_deploy.runtime.tokenizer import DEFAULT_VOCAB
 
     bundle = workdir / "small-bundle"
@@ -146,7 +147,7 @@ def ensure_bundle(workdir: Path, graphs: list[str]) -> Path:
         export_bundle(workdir / "small-ckpt", bundle, ExportOptions(variants=variants))
     else:  # exported by whatever code ran before: say so, a stale bundle measures old graphs
         print(f"reusing {bundle}; delete it to export with this code", flush=True)
-        missing = [g for g in graphs if g not in json.loads((bundle / "manifest.json").read_text())["graphs"]]
+        missing = [g for g in graphs if g not in Bundle.open(bundle, verify=False).manifest["graphs"]]
         if missing:
             sys.exit(f"{bundle} has no {', '.join(missing)}; delete it to export again")
     return bundle
