@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ttft-repeats", type=int, default=9,
                     help="repeats of the 1-token cells (TTFT, and T(1) of decode): single repeats of a prompt "
-                         "spread 0.87-1.18x around the median here, so they get more")
+                         "spread 0.87-1.26x around the median here, so they get more")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "vs_ctranslate2.json")
     args = ap.parse_args()
 
