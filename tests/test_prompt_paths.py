@@ -2,6 +2,7 @@
 long prompts in chunks. Each checked by running onnxruntime against the plain computation."""
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from cpm_deploy.cli.export import main as export_cli
 from cpm_deploy.optimize.quantize import fold_bias, per_column_int8, quantize_matmuls
 from cpm_deploy.runtime import Bundle, BundleError, CPMGenerator, decoder as decoder_module
+from cpm_deploy.runtime import session as session_module
 
 RNG = np.random.default_rng(0)
 
@@ -196,3 +198,44 @@ def test_a_kept_step_binding_equals_binding_each_step(trained_generator):
     assert state.steps is None
     dec.step(state, logits.argmax(-1))
     assert state.steps is not None and state.steps.past is state.past
+
+
+class _RecordingSession:
+    """onnxruntime.InferenceSession, noting the attention switch while the kernels are built."""
+    seen: list = []
+
+    def __new__(cls, *args, **kwargs):
+        cls.seen.append(os.environ.get(session_module.GQA_FLASH_SWITCH))
+        return _REAL_SESSION(*args, **kwargs)
+
+
+_REAL_SESSION = ort.InferenceSession
+
+
+@pytest.mark.parametrize("user, built_with", [(None, "1"), ("0", "0"), ("1", "1")])
+def test_cpu_sessions_build_attention_on_the_plain_path(trained_bundle, monkeypatch, user, built_with):
+    if user is None:
+        monkeypatch.delenv(session_module.GQA_FLASH_SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(session_module.GQA_FLASH_SWITCH, user)
+    monkeypatch.setattr(_RecordingSession, "seen", [])
+    monkeypatch.setattr(ort, "InferenceSession", _RecordingSession)
+    graph = trained_bundle / Bundle.open(trained_bundle, verify=False).manifest["graphs"]["cpu-fp32"]["file"]
+    session_module.create_session(graph, "cpu", threads=1)
+    assert _RecordingSession.seen == [built_with]
+    assert os.environ.get(session_module.GQA_FLASH_SWITCH) == user  # the environment as it was
+
+
+def test_the_plain_attention_path_computes_what_the_tiled_one_does(trained_bundle, monkeypatch):
+    """The same prompt (in chunks, as long prompts run) and steps, attention built either way."""
+    monkeypatch.setattr(decoder_module, "PREFILL_CHUNK", 16)
+    rows = [list(range(100, 140)), list(range(300, 340))]
+    out = {}
+    for user in (None, "0"):  # ours (plain), then the user's choice of onnxruntime's tiled path
+        if user:
+            monkeypatch.setenv(session_module.GQA_FLASH_SWITCH, user)
+        gen = CPMGenerator.from_bundle(trained_bundle, variant="cpu-fp32", threads=1)
+        logits, state = gen.decoder.prefill(rows, capacity=48)
+        out[user] = [logits] + [gen.decoder.step(state, np.array([7 + t, 9 + t])) for t in range(3)]
+    for plain, tiled in zip(out[None], out["0"]):
+        np.testing.assert_allclose(plain, tiled, rtol=1e-5, atol=1e-5)
