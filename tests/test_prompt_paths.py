@@ -228,6 +228,7 @@ def test_cpu_sessions_build_attention_on_the_plain_path(trained_bundle, monkeypa
 
 def test_the_plain_attention_path_computes_what_the_tiled_one_does(trained_bundle, monkeypatch):
     """The same prompt (in chunks, as long prompts run) and steps, attention built either way."""
+    monkeypatch.delenv(session_module.GQA_FLASH_SWITCH, raising=False)
     monkeypatch.setattr(decoder_module, "PREFILL_CHUNK", 16)
     rows = [list(range(100, 140)), list(range(300, 340))]
     out = {}
