@@ -4,9 +4,9 @@
 
 For each 4-bit block size, one graph holds every MatMul of one decode step of the preset (each
 layer's QKV, attention output, MLP up and down, and the tied head), each a MatMulNBits node as
-cpu-int4 exports it (symmetric, accuracy level 4: int8 activations on VNNI), fed one row. The
-weights are random (the kernel's time does not depend on their values) and sit on huge pages, as
-the runtime puts them. The graphs run round-robin (each turn first runs a few untimed calls: decode
+cpu-int4 exports it (the export's own quantizer: symmetric, accuracy level 4, int8 activations on
+VNNI), fed one row. The weights are random (the kernel's time does not depend on their values) and
+sit on huge pages, as the runtime puts them. The graphs run round-robin (each turn first runs a few untimed calls: decode
 steps run one graph back to back, and the other graphs' turns push its weights out of cache), each
 figure the median over repeats.
 
@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cpm_deploy.exporter.config import PRESETS
+from cpm_deploy.optimize.quantize import quantize_matmuls
 from cpm_deploy.runtime import huge_pages
 
 Q4_0_BITS = 4.5  # llama.cpp q4_0: 32 weights in 16 bytes plus an fp16 scale
@@ -47,21 +48,20 @@ def step_matmuls(preset: str) -> list[tuple[int, int]]:
 
 
 def graph(shapes: list[tuple[int, int]], block: int) -> bytes:
+    """The step's MatMuls on random fp32 weights, quantized by the export's own 4-bit recipe."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     nodes, inits, inputs, outputs = [], [], {}, []
     for i, (k, n) in enumerate(shapes):
-        blocks = k // block
-        inits += [numpy_helper.from_array(rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8), f"w{i}"),
-                  numpy_helper.from_array((rng.random(n * blocks) * 0.01).astype(np.float32), f"s{i}")]
+        inits.append(numpy_helper.from_array(rng.standard_normal((k, n), np.float32), f"w{i}"))
         inputs.setdefault(k, helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, 1, k]))
-        nodes.append(helper.make_node("MatMulNBits", [f"x{k}", f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
-                                      K=k, N=n, bits=4, block_size=block, accuracy_level=4))
+        nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"], name=f"m{i}"))
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, 1, n]))
     g = helper.make_graph(nodes, "step_matmuls", list(inputs.values()), outputs, inits)
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    return helper.make_model(g, opset_imports=opsets).SerializeToString()
+    model, count = quantize_matmuls(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), 4, block)
+    assert count == len(shapes), f"{count} of {len(shapes)} MatMuls quantized"
+    return model.SerializeToString()
 
 
 class StepMatmuls:
