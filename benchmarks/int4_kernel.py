@@ -32,6 +32,7 @@ import numpy as np
 from cpm_deploy.exporter.config import PRESETS
 from cpm_deploy.optimize.quantize import quantize_matmuls
 from cpm_deploy.runtime import huge_pages
+from cpm_deploy.runtime.session import create_session
 
 Q4_0_BITS = 4.5  # llama.cpp q4_0: 32 weights in 16 bytes plus an fp16 scale
 
@@ -66,15 +67,10 @@ def graph(shapes: list[tuple[int, int]], block: int) -> bytes:
 
 class StepMatmuls:
     def __init__(self, shapes: list[tuple[int, int]], block: int, threads: int):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+        before = huge_pages.snapshot()
         # as the runtime's cpu-int4 sessions: threads stop spinning when a run returns (else this
         # graph's idle threads take the cores from the next one's)
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-        before = huge_pages.snapshot()
-        self.session = ort.InferenceSession(graph(shapes, block), opts, providers=["CPUExecutionProvider"])
+        self.session = create_session(graph(shapes, block), "cpu", threads, spin_after_run=False)
         collapse = huge_pages.collapse_since(before)
         if collapse is not None:
             collapse.join()

@@ -45,10 +45,11 @@ def resolve_providers(provider: str) -> list[str]:
             "tensorrt": [name, PROVIDERS["cuda"], PROVIDERS["cpu"]]}[key]
 
 
-def create_session(path: str | Path, provider: str = "cpu", threads: int | None = None, optimize: bool = True,
+def create_session(path: str | Path | bytes, provider: str = "cpu", threads: int | None = None, optimize: bool = True,
                    spin_after_run: bool = True):
-    """``spin_after_run=False``: the session's threads stop spinning as soon as a run returns (they
-    still spin within one), for sessions that take turns on the same cores."""
+    """``path``: a graph file, or a serialized model. ``spin_after_run=False``: the session's threads
+    stop spinning as soon as a run returns (they still spin within one), for sessions that take
+    turns on the same cores."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -62,7 +63,7 @@ def create_session(path: str | Path, provider: str = "cpu", threads: int | None 
     opts.log_severity_level = 3
     providers = resolve_providers(provider)
     with _plain_cpu_attention(provider.lower() == "cpu"):
-        return ort.InferenceSession(str(path), opts, providers=providers)
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=providers)
 
 
 @contextmanager
