@@ -23,8 +23,9 @@ from .padding import left_pad
 from .session import create_session
 
 # Prompts longer than this run in chunks, each attending to what the earlier ones cached:
-# GroupQueryAttention computes the whole masked square of a prompt, so chunks skip most of the
-# upper triangle (512-token prompt, 2 cores: fp32 -9%, int8 -28%; 64-token chunks lose again).
+# GroupQueryAttention computes the whole masked square of a prompt, so chunks skip half of the
+# upper triangle (512-token prompt, 2 cores, its plain path (session.py): fp32 326 -> 316 ms, int8
+# 105 -> 101 ms; 128-token chunks lose: 353 / 111 ms. On its tiled path the gain was 9% / 28%).
 PREFILL_CHUNK = 256
 # With a prompt graph beside it (cpu-int4's int8 graph), decode steps of this many rows or more run
 # on that graph: 4-bit MatMulNBits loses to the int8 GEMM from 3 rows up (2 cores, ms per step
