@@ -34,6 +34,12 @@ def busy_server(tiny_bundle):
         yield base
 
 
+# Holds a slot for about a second (1000 tokens, ~0.75 s). Greedy: sampled at the API's default
+# temperature, the random model drew <eod> within 0.3 s in ~1 of 20 requests; greedy, the seeded
+# weights fix whether it ends early (it does not).
+LONG_GREEDY = {"prompt": "清华", "max_tokens": 1000, "temperature": 0}
+
+
 def alone(gen, prompt, n):
     return gen(prompt, max_new_tokens=n)[0]["generated_text"][len(prompt):]
 
@@ -128,7 +134,7 @@ def test_oversized_bodies_and_prompt_lists_are_refused(trained_server):
 
 def test_a_full_queue_answers_429_at_once(busy_server):
     with httpx.Client(base_url=busy_server, timeout=30) as http, \
-            http.stream("POST", "/v1/completions", json={"prompt": "清华", "max_tokens": 1000, "stream": True}) as running:
+            http.stream("POST", "/v1/completions", json=LONG_GREEDY | {"stream": True}) as running:
         lines = running.iter_lines()  # held: a dropped iterator closes the connection
         next(lines)  # decoding: the only slot is taken
         waiting = threading.Thread(target=lambda: httpx.post(f"{busy_server}/v1/completions",
@@ -143,9 +149,7 @@ def test_a_full_queue_answers_429_at_once(busy_server):
 
 
 def test_a_request_past_its_timeout_gets_504(tiny_bundle):
-    # greedy: sampled, the tiny model drew <eod> within 0.3 s in ~1 of 20 requests (a 200, not a 504);
-    # greedy it runs all 1000 tokens (~0.75 s)
-    long = {"prompt": "清华", "max_tokens": 1000, "temperature": 0}
+    long = LONG_GREEDY
     with serve_process(tiny_bundle, "-g", "cpu-fp32", "-t", "1", "--timeout", "0.3") as (_, base):
         t0 = time.perf_counter()
         r = httpx.post(f"{base}/v1/completions", json=long, timeout=30)
@@ -157,8 +161,7 @@ def test_a_request_past_its_timeout_gets_504(tiny_bundle):
 
 def test_a_disconnected_client_frees_its_slot(busy_server):
     before = metric(busy_server, "cpm_requests_total", 'outcome="cancelled"')
-    with httpx.stream("POST", f"{busy_server}/v1/completions", json={"prompt": "清华", "max_tokens": 1000,
-                                                                      "stream": True}, timeout=30) as s:
+    with httpx.stream("POST", f"{busy_server}/v1/completions", json=LONG_GREEDY | {"stream": True}, timeout=30) as s:
         lines = s.iter_lines()
         assert next(lines).startswith("data: ")
     deadline = time.time() + 1.0  # well before the 1000 tokens could finish
@@ -166,7 +169,8 @@ def test_a_disconnected_client_frees_its_slot(busy_server):
         time.sleep(0.02)
     assert metric(busy_server, "cpm_requests_total", 'outcome="cancelled"') == before + 1
     assert metric(busy_server, "cpm_running_sequences") == 0
-    ok = httpx.post(f"{busy_server}/v1/completions", json={"prompt": "清华", "max_tokens": 3}, timeout=30)
+    ok = httpx.post(f"{busy_server}/v1/completions", json={"prompt": "清华", "max_tokens": 3, "temperature": 0},
+                    timeout=30)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
 
 
@@ -208,7 +212,7 @@ def test_health_says_loading_until_the_bundle_is_loaded(trained_bundle, monkeypa
 
 def test_sigterm_finishes_open_streams_and_exits_0(tiny_bundle):
     with serve_process(tiny_bundle, "-g", "cpu-fp32", "-t", "1", "--drain", "20") as (proc, base):
-        with httpx.stream("POST", f"{base}/v1/completions", json={"prompt": "清华", "max_tokens": 300, "stream": True},
+        with httpx.stream("POST", f"{base}/v1/completions", json=LONG_GREEDY | {"max_tokens": 300, "stream": True},
                           timeout=60) as s:
             lines = s.iter_lines()
             assert next(lines).startswith("data: ")
