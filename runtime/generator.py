@@ -72,7 +72,8 @@ class CPMGenerator:
         """Like transformers' TextGenerationPipeline: [{'generated_text': prompt + continuation}].
 
         A list of prompts gives a list of such lists. Sampling keywords: do_sample, temperature,
-        top_k, top_p, repetition_penalty, seed, stop.
+        top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias
+        ({token id: bias}), seed, stop.
         """
         single = isinstance(prompts, str)
         texts = [prompts] if single else list(prompts)
@@ -151,6 +152,9 @@ class CPMGenerator:
         B = len(rows)
         rng = np.random.default_rng(cfg.seed)
         seen = _seen_from(rows, self.config["vocab_size"]) if cfg.repetition_penalty != 1.0 else None
+        if any(t >= self.decodable for t, _ in cfg.logit_bias):
+            raise GenerationError(f"logit_bias token ids must be in 0..{self.decodable - 1}")
+        counts = np.zeros((B, self.config["vocab_size"]), np.int32) if cfg.counts_tokens else None
         generated: list[list[int]] = [[] for _ in range(B)]
         done = np.zeros(B, bool)
         texts = [TextStream(self.tokenizer, cfg.stop) for _ in range(B)] if cfg.stop else None
@@ -159,7 +163,7 @@ class CPMGenerator:
         for step in range(max_new_tokens):
             if self.decodable < logits.shape[-1]:
                 logits[:, self.decodable:] = -np.inf
-            tok = next_tokens(logits, cfg, rng, seen)
+            tok = next_tokens(logits, cfg, rng, seen, counts)
             tok[done] = self.eod_id
             for r in np.flatnonzero(~done):
                 generated[r].append(int(tok[r]))
@@ -170,6 +174,8 @@ class CPMGenerator:
                     done[r] = texts[r].stopped
             if seen is not None:
                 seen[np.arange(B), tok] = True
+            if counts is not None:
+                counts[np.arange(B), tok] += 1
             yield generated
             if done.all() or step == max_new_tokens - 1:
                 return
@@ -205,9 +211,12 @@ def _tensorrt_decoder(bundle: Bundle, verify: bool):
 
 
 def _as_tuple(sampling: dict) -> dict:
+    """The keywords SamplingConfig (frozen, hashable) takes: stop and logit_bias as tuples."""
     if "stop" in sampling:
         stop = sampling["stop"]
         sampling = dict(sampling, stop=(stop,) if isinstance(stop, str) else tuple(stop or ()))
+    if isinstance(sampling.get("logit_bias"), dict):
+        sampling = dict(sampling, logit_bias=tuple(sorted(sampling["logit_bias"].items())))
     return sampling
 
 

@@ -1,5 +1,5 @@
 """Next-token choice in numpy, vectorised over the batch: greedy, temperature, top-k, top-p,
-repetition penalty. Same seed, same tokens."""
+repetition penalty, OpenAI's presence/frequency penalties and logit bias. Same seed, same tokens."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # 1 = off; CTRL's penalty, as transformers applies it
+    # OpenAI's: logit -= frequency * count + presence * (count > 0), counting generated tokens
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling)
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
 
@@ -29,6 +33,16 @@ class SamplingConfig:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if any(not (isinstance(t, int) and t >= 0 and -100 <= b <= 100) for t, b in self.logit_bias):
+            raise ValueError("logit_bias maps token ids (>= 0) to biases in [-100, 100]")
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether sampling needs each row's generated-token counts."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
@@ -37,6 +51,18 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
         return logits
     scaled = np.where(logits < 0, logits * penalty, logits / penalty)
     return np.where(seen, scaled, logits)
+
+
+def apply_openai_penalties(logits: np.ndarray, counts: np.ndarray | None, cfg: SamplingConfig) -> np.ndarray:
+    """logits [B, V]; counts [B, V]: how often each row generated each token so far. Out of place."""
+    if counts is not None and cfg.counts_tokens:
+        logits = logits - cfg.frequency_penalty * counts - cfg.presence_penalty * (counts > 0)
+    if cfg.logit_bias:
+        ids, bias = zip(*cfg.logit_bias)
+        added = np.zeros(logits.shape[-1], logits.dtype)
+        np.add.at(added, list(ids), bias)
+        logits = logits + added
+    return logits
 
 
 def filter_top_k_top_p(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
@@ -64,11 +90,13 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def next_tokens(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator,
-                seen: np.ndarray | None = None) -> np.ndarray:
-    """logits [B, V] -> token ids [B] (int64)."""
+                seen: np.ndarray | None = None, counts: np.ndarray | None = None) -> np.ndarray:
+    """logits [B, V] -> token ids [B] (int64). ``seen`` [B, V] bool feeds the repetition penalty,
+    ``counts`` [B, V] the presence and frequency penalties."""
     logits = logits.astype(np.float32, copy=False)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    logits = apply_openai_penalties(logits, counts, cfg)
     if not cfg.do_sample:
         return logits.argmax(axis=-1).astype(np.int64)
     logits = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from cpm_deploy.runtime.sampling import SamplingConfig, apply_repetition_penalty, filter_top_k_top_p, next_tokens
+from cpm_deploy.runtime.sampling import (SamplingConfig, apply_openai_penalties, apply_repetition_penalty,
+                                         filter_top_k_top_p, next_tokens)
 
 
 def test_greedy_is_argmax_per_row():
@@ -47,8 +48,32 @@ def test_temperature_sharpens():
     assert (cold == 0).mean() > 0.95
 
 
+def test_presence_and_frequency_penalties_as_openai_defines_them():
+    logits = np.array([[5.0, 5.0, 5.0, 5.0]], np.float32)
+    counts = np.array([[0, 1, 3, 0]])
+    cfg = SamplingConfig(presence_penalty=0.5, frequency_penalty=0.25)
+    # logit - frequency * count - presence * (count > 0)
+    assert apply_openai_penalties(logits, counts, cfg).tolist() == [[5.0, 4.25, 3.75, 5.0]]
+    assert logits.tolist() == [[5.0] * 4]  # the caller's logits are left as they were
+    assert next_tokens(np.array([[1.0, 1.2]]), SamplingConfig(presence_penalty=1.0), np.random.default_rng(0),
+                       counts=np.array([[0, 1]])).tolist() == [0]  # greedy honours it too
+
+
+def test_logit_bias_is_added_before_sampling_and_can_force_or_ban():
+    logits = np.array([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]], np.float32)
+    assert apply_openai_penalties(logits, None, SamplingConfig(logit_bias=((0, 1.5), (2, -1.0)))).tolist() == \
+        [[1.5, 3.0, 0.0], [3.5, 0.0, 0.0]]
+    rng = np.random.default_rng(0)
+    forced = next_tokens(np.zeros((500, 3)), SamplingConfig(do_sample=True, logit_bias=((2, 100.0),)), rng)
+    assert (forced == 2).all()
+    banned = next_tokens(np.zeros((500, 3)), SamplingConfig(do_sample=True, logit_bias=((1, -100.0),)), rng)
+    assert (banned != 1).all() and set(banned.tolist()) == {0, 2}
+
+
 @pytest.mark.parametrize("kwargs", [{"temperature": 0}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1},
-                                    {"repetition_penalty": 0}, {"stop": ("",)}])
+                                    {"repetition_penalty": 0}, {"stop": ("",)}, {"presence_penalty": 2.5},
+                                    {"frequency_penalty": -3}, {"logit_bias": ((5, 101.0),)},
+                                    {"logit_bias": ((-1, 1.0),)}, {"logit_bias": ((5, float("nan")),)}])
 def test_invalid_values_are_refused(kwargs):
     with pytest.raises(ValueError):
         SamplingConfig(**kwargs)
