@@ -17,7 +17,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from .engine import Engine
-from .routes import build_router
+from .routes import build_router, openai_error_pages
 
 log = logging.getLogger("cpm_deploy.serve")
 
@@ -67,7 +67,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         if state["engine"] is not None:
             state["engine"].shutdown(config.drain_s)
 
-    app = FastAPI(title="cpm-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = openai_error_pages(FastAPI(title="cpm-serve", lifespan=lifespan, docs_url=None, redoc_url=None))
     app.include_router(build_router(lambda: state["engine"], config.name, config.timeout_s, lambda: state["error"]))
     return app
 

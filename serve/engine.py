@@ -101,6 +101,8 @@ class Engine:
             cfg = SamplingConfig(**sampling)
         except (TypeError, ValueError) as e:
             raise RequestError(str(e)) from None
+        if any(t >= self.generator.decodable for t, _ in cfg.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in 0..{self.generator.decodable - 1}")
         return Request(ids, max_new_tokens, cfg, n, timeout_s, sink or (lambda e: None))
 
     def submit(self, request: Request) -> Request:
@@ -277,10 +279,13 @@ class Engine:
         eod = self.generator.eod_id
         for i, s in enumerate(seqs):
             cfg = s.request.sampling
-            tok = int(next_tokens(logits[i:i + 1], cfg, s.rng, None if s.seen is None else s.seen[None])[0])
+            tok = int(next_tokens(logits[i:i + 1], cfg, s.rng, None if s.seen is None else s.seen[None],
+                                  None if s.counts is None else s.counts[None])[0])
             s.generated.append(tok)
             if s.seen is not None:
                 s.seen[tok] = True
+            if s.counts is not None:
+                s.counts[tok] += 1
             if s.first_token_at is None:
                 s.first_token_at = now
                 self.metrics.ttft.observe(now - s.request.arrived)

@@ -2,7 +2,8 @@
 
 Fields follow the OpenAI reference; ``top_k`` and ``repetition_penalty`` are extra fields (the
 openai client passes them with ``extra_body``). Unknown fields are ignored, as OpenAI does; known
-fields of the wrong type are refused with the field named.
+fields of the wrong type are refused with the field named, and known fields this server cannot
+honour (echo, logprobs, best_of, suffix) are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+MAX_LOGIT_BIAS = 1024  # entries: bounds the per-step work one request can ask for
+PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of token-id lists"
+
+
+class FieldError(ValueError):
+    """A field that validates alone but not as this server reads it; ``param`` names it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 class StreamOptions(BaseModel):
@@ -24,12 +35,17 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
-    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+    prompt: (str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+             | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)])
     max_tokens: Annotated[int, Field(ge=1)] | None = DEFAULT_MAX_TOKENS
     temperature: Annotated[float, Field(ge=0, le=2)] | None = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
     top_k: Annotated[int, Field(ge=0)] | None = 0
     repetition_penalty: Annotated[float, Field(gt=0)] | None = 1.0
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
     n: Annotated[int, Field(ge=1)] | None = 1
     stop: str | Annotated[list[str], Field(max_length=8)] | None = None
     seed: int | None = None
@@ -47,17 +63,22 @@ class CompletionRequest(BaseModel):
             return [self.prompt]
         if all(isinstance(p, int) for p in self.prompt):
             return [list(self.prompt)]
-        return list(self.prompt)
+        return [p if isinstance(p, str) else list(p) for p in self.prompt]
 
     def sampling(self) -> dict:
         """Engine sampling keywords. temperature 0 means greedy, as in OpenAI's API."""
         temperature = 1.0 if self.temperature is None else self.temperature
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stop):
-            raise ValueError("stop strings must not be empty")
+            raise FieldError("stop", "stop strings must not be empty")
+        bias = self.logit_bias or {}
+        if not all(k.isascii() and k.isdigit() for k in bias):
+            raise FieldError("logit_bias", "logit_bias keys must be token ids (decimal integers)")
         return {"do_sample": temperature > 0, "temperature": temperature or 1.0, "top_p": self.top_p or 1.0,
-                "top_k": self.top_k or 0, "repetition_penalty": self.repetition_penalty or 1.0, "seed": self.seed,
-                "stop": tuple(stop)}
+                "top_k": self.top_k or 0, "repetition_penalty": self.repetition_penalty or 1.0,
+                "presence_penalty": self.presence_penalty or 0.0, "frequency_penalty": self.frequency_penalty or 0.0,
+                "logit_bias": tuple(sorted((int(k), float(v)) for k, v in bias.items())),
+                "seed": self.seed, "stop": tuple(stop)}
 
     def unsupported(self) -> str | None:
         if self.echo:
@@ -78,8 +99,12 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 
 def validation_error_body(error: ValidationError) -> dict:
     e = error.errors()[0]
+    if not e["loc"]:  # the body itself: not JSON, or not an object
+        return error_body(f"the request body: {e['msg']}")
+    if e["loc"][0] == "prompt" and e["type"] != "missing":  # a union of four shapes: pydantic's first miss would name just one
+        return error_body(f"prompt must be {PROMPT_SHAPES}", param="prompt")
     field = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or len(e["loc"]) == 1)
-    return error_body(f"{field}: {e['msg']}", param=str(e["loc"][0]) if e["loc"] else None)
+    return error_body(f"{field}: {e['msg']}", param=str(e["loc"][0]))
 
 
 class CompletionIds:

@@ -20,7 +20,7 @@ import ray
 from ray import serve
 
 from .app import ServerConfig
-from .routes import build_router
+from .routes import build_router, openai_error_pages
 
 _replica: dict = {}  # this process's engine and settings (each replica is its own process)
 
@@ -49,7 +49,7 @@ def _stop() -> None:
         engine.shutdown(drain_s=10)
 
 
-api = FastAPI(title="cpm-serve on Ray", docs_url=None, redoc_url=None)
+api = openai_error_pages(FastAPI(title="cpm-serve on Ray", docs_url=None, redoc_url=None))
 api.include_router(build_router(_engine, _name, _timeout))
 
 

@@ -10,14 +10,15 @@ import asyncio
 import json
 from collections.abc import Callable
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, RequestError
-from .openai_protocol import (CompletionIds, CompletionRequest, choice, error_body, models_list, usage,
+from .openai_protocol import (CompletionIds, CompletionRequest, FieldError, choice, error_body, models_list, usage,
                               validation_error_body)
 from .sequence import EngineError, QueueFull
 
@@ -43,6 +44,19 @@ async def _read_body(http: Request) -> bytes | None:
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
            headers: dict | None = None) -> JSONResponse:
     return JSONResponse(error_body(message, type_, param), status_code=status, headers=headers)
+
+
+def openai_error_pages(app: FastAPI) -> FastAPI:
+    """Unknown routes and methods answer in OpenAI's error shape (the openai client reads
+    error.message), naming the routes this server has."""
+
+    async def not_here(http: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = (f"{http.method} {http.url.path}: {exc.detail}; this server answers POST /v1/completions, "
+                   "GET /v1/models, GET /health and GET /metrics")
+        return _error(exc.status_code, message, "invalid_request_error", headers=getattr(exc, "headers", None))
+
+    app.add_exception_handler(StarletteHTTPException, not_here)
+    return app
 
 
 def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | Callable[[], str]",
@@ -101,6 +115,8 @@ def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | C
         try:  # short prompts inline (a thread hop costs more than jieba on them), long ones off the loop
             short = sum(len(p) for p in body.prompts()) <= INLINE_PROMPT_CHARS
             requests = make_requests() if short else await run_in_threadpool(make_requests)
+        except FieldError as e:
+            return _error(400, str(e), param=e.param)
         except (RequestError, ValueError) as e:
             return _error(400, str(e))
         try:

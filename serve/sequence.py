@@ -77,6 +77,7 @@ class Sequence:
     rng: np.random.Generator
     text: TextStream
     seen: np.ndarray | None  # [V] tokens in context, for the repetition penalty
+    counts: np.ndarray | None  # [V] tokens generated, for the presence and frequency penalties
     state: State = State.WAITING
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -99,6 +100,7 @@ def make_sequences(request: Request, tokenizer, vocab: int) -> list[Sequence]:
         if cfg.repetition_penalty != 1.0:
             seen = np.zeros(vocab, bool)
             seen[request.prompt] = True
-        seqs.append(Sequence(request, j, np.random.default_rng(seed), TextStream(tokenizer, cfg.stop), seen))
+        counts = np.zeros(vocab, np.int32) if cfg.counts_tokens else None
+        seqs.append(Sequence(request, j, np.random.default_rng(seed), TextStream(tokenizer, cfg.stop), seen, counts))
     request.sequences = seqs
     return seqs

@@ -68,6 +68,25 @@ def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(engine, trained
     assert first == second == alone(trained_generator, PROMPTS[0], 12, **sampled)
 
 
+def test_openai_penalties_and_logit_bias_take_effect_as_in_the_generator(engine, trained_generator):
+    plain = {"do_sample": True, "seed": 5}
+    penalised = {**plain, "presence_penalty": 1.5, "frequency_penalty": 1.0}
+    got = run_concurrently(engine, [(PROMPTS[1], 16, penalised), (PROMPTS[2], 9, {"do_sample": True})])[0]
+    assert got == alone(trained_generator, PROMPTS[1], 16, **penalised)
+    assert got != alone(trained_generator, PROMPTS[1], 16, **plain)
+
+    forced = trained_generator.tokenizer.encode("股")[-1]
+    text = engine.complete(PROMPTS[1], 4, do_sample=True, logit_bias=((forced, 100.0),))[0]["text"]
+    assert text == trained_generator.tokenizer.decode([forced] * 4)
+    greedy = trained_generator.generate_ids([PROMPTS[1]], max_new_tokens=3)[0]
+    banned = trained_generator.generate_ids([PROMPTS[1]], max_new_tokens=3, logit_bias={greedy[0]: -100.0})[0]
+    assert banned[0] != greedy[0]
+    assert engine.complete(PROMPTS[1], 3, logit_bias=((greedy[0], -100.0),))[0]["text"] == \
+        trained_generator.tokenizer.decode(banned)
+    with pytest.raises(RequestError, match="logit_bias token ids"):
+        engine.make_request(PROMPTS[1], 2, logit_bias=((10**6, 1.0),))
+
+
 def test_n_choices_differ_and_repeat_with_the_seed(engine):
     prompt = [100, 2000, 5000]  # token ids the model never saw together: its next-token choice is open
     a = engine.complete(prompt, 10, n=3, do_sample=True, temperature=1.5, seed=3)

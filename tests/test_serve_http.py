@@ -40,8 +40,8 @@ def busy_server(tiny_bundle):
 LONG_GREEDY = {"prompt": "清华", "max_tokens": 1000, "temperature": 0}
 
 
-def alone(gen, prompt, n):
-    return gen(prompt, max_new_tokens=n)[0]["generated_text"][len(prompt):]
+def alone(gen, prompt, n, **sampling):
+    return gen(prompt, max_new_tokens=n, **sampling)[0]["generated_text"][len(prompt):]
 
 
 def test_routes_answer_like_openai(trained_server, client):
@@ -112,6 +112,15 @@ def test_prompt_lists_n_seed_stop_and_extra_fields_over_httpx(trained_server):
     ({"prompt": "清华", "logprobs": 2}, "logprobs"),
     ({"prompt": [5, 99999999], "max_tokens": 2}, None),
     ({"prompt": ["清华", ""], "max_tokens": 2}, None),
+    ({"prompt": [[5, 6], []]}, "prompt"),
+    ({"prompt": [[5, 6], "清华"]}, "prompt"),
+    ({"prompt": "清华", "stop": ["", "x"]}, "stop"),
+    ({"prompt": "清华", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "清华", "frequency_penalty": "high"}, "frequency_penalty"),
+    ({"prompt": "清华", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "清华", "logit_bias": {"x5": 1}}, "logit_bias"),
+    ({"prompt": "清华", "logit_bias": {"99999999": 1}}, None),
+    ({"prompt": "清华", "logit_bias": {str(i): 1 for i in range(2000)}}, "logit_bias"),
 ])
 def test_bad_requests_get_openai_shaped_400s_and_disturb_nothing(trained_server, client, body, param):
     stream = client.completions.create(model="bundle", prompt=PROMPTS[5], max_tokens=10, temperature=0, stream=True)
@@ -122,6 +131,28 @@ def test_bad_requests_get_openai_shaped_400s_and_disturb_nothing(trained_server,
     assert "".join(c.choices[0].text for c in stream if c.choices) == client.completions.create(
         model="bundle", prompt=PROMPTS[5], max_tokens=10, temperature=0).choices[0].text
     assert httpx.post(f"{trained_server}/v1/completions", content=b"{not json").status_code == 400
+
+
+def test_token_id_prompts_penalties_and_logit_bias_through_the_openai_client(client, trained_generator):
+    ids = [trained_generator.tokenizer.encode(p) for p in PROMPTS[:2]]
+    r = client.completions.create(model="bundle", prompt=ids, max_tokens=6, temperature=0)
+    assert [c.text for c in r.choices] == [alone(trained_generator, p, 6) for p in PROMPTS[:2]]
+    assert r.usage.prompt_tokens == sum(map(len, ids))
+
+    penalised = {"presence_penalty": 1.5, "frequency_penalty": 1.0}
+    r = client.completions.create(model="bundle", prompt=PROMPTS[1], max_tokens=12, seed=4, **penalised)
+    assert r.choices[0].text == alone(trained_generator, PROMPTS[1], 12, do_sample=True, seed=4, **penalised)
+    forced = trained_generator.tokenizer.encode("股")[-1]
+    r = client.completions.create(model="bundle", prompt=PROMPTS[1], max_tokens=3, logit_bias={str(forced): 100})
+    assert r.choices[0].text == trained_generator.tokenizer.decode([forced] * 3)
+
+
+def test_unknown_routes_and_bodies_that_are_no_object_get_openai_shaped_errors(trained_server):
+    for body in (b"[1, 2]", b"{not json"):
+        err = httpx.post(f"{trained_server}/v1/completions", content=body).json()["error"]
+        assert err["message"].startswith("the request body: ") and err["param"] is None
+    r = httpx.post(f"{trained_server}/v1/chat/completions", json={"messages": []})
+    assert r.status_code == 404 and "/v1/completions" in r.json()["error"]["message"]
 
 
 def test_oversized_bodies_and_prompt_lists_are_refused(trained_server):

@@ -65,6 +65,8 @@ def test_two_replicas_serve_through_the_proxy(cluster, trained_bundle, trained_g
     assert len(chunks) >= 2 and "".join(c.choices[0].text for c in chunks) == want
     bad = httpx.post(f"{cluster}/v1/completions", json={"prompt": "清华", "n": 0}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
+    chat = httpx.post(f"{cluster}/v1/chat/completions", json={"messages": []}, timeout=30)
+    assert chat.status_code == 404 and "/v1/completions" in chat.json()["error"]["message"]
     serve.delete("cpm")
 
 
