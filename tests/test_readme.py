@@ -57,9 +57,14 @@ def test_readme_serving_examples_run(tmp_path, trained_bundle):
             r = subprocess.run(["bash", "-c", line.replace("8000", port)], cwd=tmp_path, capture_output=True, text=True,
                                timeout=120)
             assert r.returncode == 0 and '"choices"' in r.stdout, r.stdout + r.stderr
-        r = subprocess.run([sys.executable, "-c", python.replace("8000", port)], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0 and r.stdout.strip(), r.stderr
+        # it samples: a first draw of <eod> prints nothing (CI met it once), so up to three tries
+        for _ in range(3):
+            r = subprocess.run([sys.executable, "-c", python.replace("8000", port)], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            if r.stdout.strip():
+                break
+        assert r.stdout.strip(), "three sampled completions were all empty"
     finally:
         server.terminate()
         assert server.wait(30) == 0

@@ -69,20 +69,26 @@ def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(engine, trained
 
 
 def test_openai_penalties_and_logit_bias_take_effect_as_in_the_generator(engine, trained_generator):
-    plain = {"do_sample": True, "seed": 5}
-    penalised = {**plain, "presence_penalty": 1.5, "frequency_penalty": 1.0}
-    got = run_concurrently(engine, [(PROMPTS[1], 16, penalised), (PROMPTS[2], 9, {"do_sample": True})])[0]
-    assert got == alone(trained_generator, PROMPTS[1], 16, **penalised)
-    assert got != alone(trained_generator, PROMPTS[1], 16, **plain)
+    # greedy with <eod> banned for 40 tokens: the tiny model repeats itself, which the penalties
+    # must curb (they touch only tokens already generated, so short outputs would not show them)
+    endless = {"logit_bias": ((trained_generator.eod_id, -100.0),)}
+    penalised = {**endless, "presence_penalty": 2.0, "frequency_penalty": 2.0}
+    plain_ids = trained_generator.generate_ids([PROMPTS[1]], max_new_tokens=40, **endless)[0]
+    penalised_ids = trained_generator.generate_ids([PROMPTS[1]], max_new_tokens=40, **penalised)[0]
+    assert max(np.bincount(penalised_ids)) < max(np.bincount(plain_ids))
+    as_dict = {**penalised, "logit_bias": dict(penalised["logit_bias"])}
+    got = run_concurrently(engine, [(PROMPTS[1], 40, penalised), (PROMPTS[2], 9, {"do_sample": True})])[0]
+    assert got == alone(trained_generator, PROMPTS[1], 40, **as_dict) != alone(trained_generator, PROMPTS[1], 40,
+                                                                                 logit_bias=dict(endless["logit_bias"]))
 
     forced = trained_generator.tokenizer.encode("股")[-1]
     text = engine.complete(PROMPTS[1], 4, do_sample=True, logit_bias=((forced, 100.0),))[0]["text"]
     assert text == trained_generator.tokenizer.decode([forced] * 4)
-    greedy = trained_generator.generate_ids([PROMPTS[1]], max_new_tokens=3)[0]
-    banned = trained_generator.generate_ids([PROMPTS[1]], max_new_tokens=3, logit_bias={greedy[0]: -100.0})[0]
-    assert banned[0] != greedy[0]
-    assert engine.complete(PROMPTS[1], 3, logit_bias=((greedy[0], -100.0),))[0]["text"] == \
-        alone(trained_generator, PROMPTS[1], 3, logit_bias={greedy[0]: -100.0})
+    greedy = trained_generator.generate_ids([PROMPTS[1]], max_new_tokens=1)[0][0]
+    banned = {greedy: -100.0}
+    assert trained_generator.generate_ids([PROMPTS[1]], max_new_tokens=1, logit_bias=banned)[0][0] != greedy
+    assert engine.complete(PROMPTS[1], 3, logit_bias=tuple(banned.items()))[0]["text"] == \
+        alone(trained_generator, PROMPTS[1], 3, logit_bias=banned)
     with pytest.raises(RequestError, match="logit_bias token ids"):
         engine.make_request(PROMPTS[1], 2, logit_bias=((10**6, 1.0),))
 
