@@ -101,7 +101,7 @@ def validation_error_body(error: ValidationError) -> dict:
     e = error.errors()[0]
     if not e["loc"]:  # the body itself: not JSON, or not an object
         return error_body(f"the request body: {e['msg']}")
-    if e["loc"][0] == "prompt" and e["type"] != "missing":  # a union of four shapes: pydantic's first miss would name just one
+    if e["loc"][0] == "prompt" and e["type"] != "missing":  # four shapes: pydantic's first miss names one
         return error_body(f"prompt must be {PROMPT_SHAPES}", param="prompt")
     field = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or len(e["loc"]) == 1)
     return error_body(f"{field}: {e['msg']}", param=str(e["loc"][0]))
