@@ -132,6 +132,11 @@ class CPMGenerator:
             prompts = [p[-keep:] for p in prompts]
         return Request(prompts, new)
 
+    def check_sampling(self, cfg: SamplingConfig) -> None:
+        """What SamplingConfig cannot check alone: token ids against this model's vocabulary."""
+        if any(t >= self.decodable for t, _ in cfg.logit_bias):
+            raise GenerationError(f"logit_bias token ids must be in 0..{self.decodable - 1}")
+
     def generate_ids(self, texts: Sequence[str], max_length: int | None = None, max_new_tokens: int | None = None,
                      num_return_sequences: int = 1, truncate_prompt: bool = False, **sampling) -> list[list[int]]:
         """New token ids per sequence (prompt-major: prompt i's sequences are i*n .. i*n+n-1)."""
@@ -151,9 +156,8 @@ class CPMGenerator:
         rows = [p for p in prompts for _ in range(num_return_sequences)]
         B = len(rows)
         rng = np.random.default_rng(cfg.seed)
+        self.check_sampling(cfg)
         seen = _seen_from(rows, self.config["vocab_size"]) if cfg.repetition_penalty != 1.0 else None
-        if any(t >= self.decodable for t, _ in cfg.logit_bias):
-            raise GenerationError(f"logit_bias token ids must be in 0..{self.decodable - 1}")
         counts = np.zeros((B, self.config["vocab_size"]), np.int32) if cfg.counts_tokens else None
         generated: list[list[int]] = [[] for _ in range(B)]
         done = np.zeros(B, bool)

@@ -99,10 +99,9 @@ class Engine:
             raise RequestError(f"n must be between 1 and {self.max_batch} (the server's batch), got {n}")
         try:
             cfg = SamplingConfig(**sampling)
-        except (TypeError, ValueError) as e:
+            self.generator.check_sampling(cfg)
+        except (TypeError, ValueError) as e:  # GenerationError is a ValueError
             raise RequestError(str(e)) from None
-        if any(t >= self.generator.decodable for t, _ in cfg.logit_bias):
-            raise RequestError(f"logit_bias token ids must be in 0..{self.generator.decodable - 1}")
         return Request(ids, max_new_tokens, cfg, n, timeout_s, sink or (lambda e: None))
 
     def submit(self, request: Request) -> Request:
