@@ -1,8 +1,24 @@
 import numpy as np
 import pytest
 
-from cpm_deploy.runtime.sampling import (SamplingConfig, apply_openai_penalties, apply_repetition_penalty,
-                                         filter_top_k_top_p, next_tokens)
+from cpm_deploy.runtime.sampling import (PICK_BLOCK, SamplingConfig, _pick, apply_openai_penalties,
+                                         apply_repetition_penalty, kept_tokens, next_tokens)
+
+
+def reference_kept(x: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """The definition, by sorting all V: top-k keeps every tie at the k-th; top-p keeps the shortest
+    stable-sorted prefix (ties in id order) whose mass reaches top_p."""
+    keep = np.ones(len(x), bool)
+    if 0 < top_k < len(x):
+        keep &= x >= np.sort(x)[len(x) - top_k]
+    if top_p < 1.0:
+        ids = np.flatnonzero(keep)
+        order = ids[np.argsort(-x[ids], kind="stable")]
+        p = np.exp(x[order].astype(np.float64) - x[order].max())
+        before = np.concatenate(([0.0], np.cumsum(p)[:-1])) / p.sum()
+        keep[:] = False
+        keep[order[before < top_p]] = True
+    return np.flatnonzero(keep)
 
 
 def test_greedy_is_argmax_per_row():
@@ -11,19 +27,40 @@ def test_greedy_is_argmax_per_row():
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
-    probs = np.array([[0.5, 0.3, 0.15, 0.05]])
-    logits = np.log(probs)
-    kept = np.isfinite(filter_top_k_top_p(logits, 0, 0.79))
-    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.79
-    kept = np.isfinite(filter_top_k_top_p(logits, 0, 0.81))
-    assert kept.tolist() == [[True, True, True, False]]
-    assert np.isfinite(filter_top_k_top_p(logits, 0, 0.1)).sum() == 1  # never empty
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    assert kept_tokens(logits, 0, 0.79).tolist() == [0, 1]  # 0.5 + 0.3 reaches 0.79
+    assert kept_tokens(logits, 0, 0.81).tolist() == [0, 1, 2]
+    assert kept_tokens(logits, 0, 0.1).tolist() == [0]  # never empty
 
 
-def test_top_k_per_row():
-    logits = np.array([[1.0, 4.0, 3.0, 2.0], [9.0, 8.0, 7.0, 6.0]])
-    kept = np.isfinite(filter_top_k_top_p(logits, 2, 1.0))
-    assert kept.tolist() == [[False, True, True, False], [True, True, False, False]]
+def test_top_k_keeps_the_k_largest():
+    logits = np.array([1.0, 4.0, 3.0, 2.0], np.float32)
+    assert kept_tokens(logits, 2, 1.0).tolist() == [1, 2]
+    assert kept_tokens(logits, 0, 1.0) is None  # every token
+
+
+@pytest.mark.parametrize("shape", ["flat", "peaked", "ties", "masked"])
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (0, 0.5), (0, 0.999), (40, 1.0), (40, 0.9), (5000, 0.95),
+                                          (0, 1e-9), (1, 0.9)])
+def test_kept_tokens_equal_sorting_everything(shape, top_k, top_p):
+    rng = np.random.default_rng(top_k + int(top_p * 1000))
+    for _ in range(5):
+        x = rng.standard_normal(30000).astype(np.float32)
+        x = {"flat": x, "peaked": x * 12, "ties": np.round(x * 2) * 3, "masked": np.where(x > 1.5, -np.inf, x * 6)}[shape]
+        got = kept_tokens(x, top_k, top_p)
+        want = reference_kept(x, top_k, top_p)
+        assert np.array_equal(np.arange(len(x)) if got is None else got, want)
+
+
+def test_draws_land_on_positive_weights_only_and_follow_them():
+    w = np.zeros(3 * PICK_BLOCK + 17, np.float32)
+    w[[3, PICK_BLOCK + 5, 3 * PICK_BLOCK + 2]] = [1.0, 2.0, 1.0]
+    # the running sum (1, 3, 4) first reaches (1 - r) * 4
+    edges = [0.0, np.nextafter(1.0, 0.0), 0.5, 0.2, 0.76]
+    assert [_pick(w, r) for r in edges] == [3 * PICK_BLOCK + 2, 3, PICK_BLOCK + 5, 3 * PICK_BLOCK + 2, 3]
+    draws = np.bincount([_pick(w, r) for r in np.random.default_rng(0).random(20000)], minlength=len(w))
+    assert np.allclose(draws[[3, PICK_BLOCK + 5, 3 * PICK_BLOCK + 2]] / 20000, [0.25, 0.5, 0.25], atol=0.015)
+    assert draws.sum() == draws[[3, PICK_BLOCK + 5, 3 * PICK_BLOCK + 2]].sum()
 
 
 def test_repetition_penalty_like_transformers():
@@ -54,6 +91,7 @@ def test_presence_and_frequency_penalties_as_openai_defines_them():
     cfg = SamplingConfig(presence_penalty=0.5, frequency_penalty=0.25)
     # logit - frequency * count - presence * (count > 0)
     assert apply_openai_penalties(logits, counts, cfg).tolist() == [[5.0, 4.25, 3.75, 5.0]]
+    assert apply_openai_penalties(logits, counts, cfg).dtype == np.float32  # float64 would slow what follows
     assert logits.tolist() == [[5.0] * 4]  # the caller's logits are left as they were
     assert next_tokens(np.array([[1.0, 1.2]]), SamplingConfig(presence_penalty=1.0), np.random.default_rng(0),
                        counts=np.array([[0, 1]])).tolist() == [0]  # greedy honours it too
