@@ -3,7 +3,8 @@
 For each graph (CPM-Small shape, random weights; fp32 and int8 unless --graphs names others,
 cpu-int4 among them) and each client count C:
   serve    - cpm-serve (a separate process, all cores), C concurrent streaming clients (httpx),
-             each sending one headline and reading 64 new tokens (greedy);
+             each sending one headline and reading 64 new tokens (greedy; --top-p P samples
+             with temperature 1 and top-p P instead, in every system);
   threads  - (a) one CPMGenerator in this process, one thread per request, streaming;
   offline  - (b) the same C prompts as ONE batched generate call.
 Each measured run follows an unmeasured one of the same size (first-run allocations out of the way).
@@ -45,8 +46,16 @@ def summary(kind: str, graph: str, clients: int, wall: float, tokens: int, ttft:
             "itl_p95_ms": round(1000 * pct(itl, 0.95), 1)}
 
 
-async def _client(http, url: str, model: str, prompt: str | list[int], out: list) -> None:
-    body = {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
+def request_fields(top_p: float | None) -> dict:
+    return {"temperature": 0} if top_p is None else {"temperature": 1.0, "top_p": top_p}
+
+
+def runtime_sampling(top_p: float | None) -> dict:
+    return {} if top_p is None else {"do_sample": True, "top_p": top_p}
+
+
+async def _client(http, url: str, model: str, prompt: str | list[int], fields: dict, out: list) -> None:
+    body = {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "stream": True, **fields,
             "stream_options": {"include_usage": True}, "ignore_eos": True}  # ignore_eos: llama-server's field
     t0 = time.perf_counter()
     stamps, tokens = [], 0
@@ -62,7 +71,7 @@ async def _client(http, url: str, model: str, prompt: str | list[int], out: list
     out.append((t0, stamps, tokens or len(stamps)))
 
 
-def run_http(base: str, model: str, prompts: list, kind: str, graph: str) -> dict:
+def run_http(base: str, model: str, prompts: list, kind: str, graph: str, fields: dict) -> dict:
     import httpx
 
     async def main():
@@ -70,7 +79,7 @@ def run_http(base: str, model: str, prompts: list, kind: str, graph: str) -> dic
         limits = httpx.Limits(max_connections=len(prompts) + 4)
         async with httpx.AsyncClient(timeout=600, limits=limits) as http:
             t0 = time.perf_counter()
-            await asyncio.gather(*[_client(http, f"{base}/v1/completions", model, p, out) for p in prompts])
+            await asyncio.gather(*[_client(http, f"{base}/v1/completions", model, p, fields, out) for p in prompts])
             return time.perf_counter() - t0, out
 
     wall, out = asyncio.run(main())
@@ -79,12 +88,12 @@ def run_http(base: str, model: str, prompts: list, kind: str, graph: str) -> dic
     return summary(kind, graph, len(prompts), wall, sum(n for *_, n in out), ttft, itl)
 
 
-def run_threads(gen, prompts: list[str], graph: str) -> dict:
+def run_threads(gen, prompts: list[str], graph: str, sampling: dict) -> dict:
     out = []
 
     def one(p):
         t0, stamps = time.perf_counter(), []
-        for _ in gen.stream(p, max_new_tokens=NEW_TOKENS):
+        for _ in gen.stream(p, max_new_tokens=NEW_TOKENS, **sampling):
             stamps.append(time.perf_counter())
         out.append((t0, stamps))
 
@@ -100,12 +109,12 @@ def run_threads(gen, prompts: list[str], graph: str) -> dict:
     return summary("threads (a)", graph, len(prompts), wall, NEW_TOKENS * len(prompts), ttft, itl)
 
 
-def run_offline(gen, prompts: list[str], graph: str) -> dict:
+def run_offline(gen, prompts: list[str], graph: str, sampling: dict) -> dict:
     from cpm_deploy.runtime import SamplingConfig
 
     ids = [gen.tokenizer.encode(p) for p in prompts]
     t0, stamps = time.perf_counter(), []
-    for _ in gen.iter_ids(ids, NEW_TOKENS, 1, SamplingConfig()):
+    for _ in gen.iter_ids(ids, NEW_TOKENS, 1, SamplingConfig(**sampling)):
         stamps.append(time.perf_counter())
     wall = time.perf_counter() - t0
     return summary("offline batch (b)", graph, len(prompts), wall, NEW_TOKENS * len(prompts), [stamps[0] - t0],
@@ -174,8 +183,11 @@ def main() -> None:
     ap.add_argument("--serve-only", action="store_true", help="skip the two runtime baselines (quick tuning runs)")
     ap.add_argument("--llama-server", action="append", default=[], metavar="LABEL=URL",
                     help="a running llama-server to load the same way, e.g. 'llama f32=http://127.0.0.1:8190' (repeatable)")
+    ap.add_argument("--top-p", type=float, default=None, metavar="P",
+                    help="sample (temperature 1, top-p P) instead of greedy decoding, in every system")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "serve_load.json")
     args = ap.parse_args()
+    fields, sampling = request_fields(args.top_p), runtime_sampling(args.top_p)
     args.workdir.mkdir(parents=True, exist_ok=True)
     bundle = ensure_bundle(args.workdir, args.graphs)
 
@@ -187,8 +199,8 @@ def main() -> None:
         try:
             base = f"http://127.0.0.1:{args.port}"
             for c in args.clients:  # each measured run follows a warm-up of the same size (steady state)
-                run_http(base, bundle.name, headlines(c, WARM_UP), "warm-up", graph)
-                rows.append(run_http(base, bundle.name, headlines(c), "cpm-serve", graph))
+                run_http(base, bundle.name, headlines(c, WARM_UP), "warm-up", graph, fields)
+                rows.append(run_http(base, bundle.name, headlines(c), "cpm-serve", graph, fields))
                 print(rows[-1], flush=True)
         finally:
             proc.terminate()
@@ -198,10 +210,10 @@ def main() -> None:
         gen = CPMGenerator.from_bundle(bundle, variant=graph, threads=args.threads, verify=False)
         gen.eod_id = -1  # exactly 64 tokens each, as the server's random-weight runs produce
         for c in args.clients:
-            run_offline(gen, headlines(c, WARM_UP), graph)
-            rows.append(run_threads(gen, headlines(c), graph))
+            run_offline(gen, headlines(c, WARM_UP), graph, sampling)
+            rows.append(run_threads(gen, headlines(c), graph, sampling))
             print(rows[-1], flush=True)
-            rows.append(run_offline(gen, headlines(c), graph))
+            rows.append(run_offline(gen, headlines(c), graph, sampling))
             print(rows[-1], flush=True)
     for spec in args.llama_server:  # its GGUF has no CPM tokenizer: the same prompts go in as CPM token ids
         from cpm_deploy.runtime import CPMTokenizer
@@ -210,13 +222,13 @@ def main() -> None:
         label, _, url = spec.partition("=")
         tok = CPMTokenizer(DEFAULT_VOCAB)
         for c in args.clients:
-            run_http(url, "model", [tok.encode(p) for p in headlines(c, WARM_UP)], "warm-up", "gguf")
-            rows.append(run_http(url, "model", [tok.encode(p) for p in headlines(c)], label, "gguf"))
+            run_http(url, "model", [tok.encode(p) for p in headlines(c, WARM_UP)], "warm-up", "gguf", fields)
+            rows.append(run_http(url, "model", [tok.encode(p) for p in headlines(c)], label, "gguf", fields))
             print(rows[-1], flush=True)
-    report(rows, args.out)
+    report(rows, args.out, args.top_p)
 
 
-def report(rows: list[dict], out: Path) -> None:
+def report(rows: list[dict], out: Path, top_p: float | None = None) -> None:
     print(f"\n{'system':<20}{'graph':<10}{'C':>4}{'tok/s':>9}{'TTFT p50':>10}{'p95':>8}{'ITL p50':>9}{'p95':>8}")
     for r in rows:
         print(f"{r['system']:<20}{r['graph']:<10}{r['clients']:>4}{r['tokens_per_s']:>9.1f}{r['ttft_p50_ms']:>10.0f}"
@@ -234,7 +246,7 @@ def report(rows: list[dict], out: Path) -> None:
     for x in ratios:
         print(f"{x['graph']:<10}{x['clients']:>4}{x['vs_threads']:>15.2f}{x['vs_offline']:>15.2f}{x['ttft_vs_idle']:>11.2f}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"new_tokens": NEW_TOKENS, "rows": rows, "ratios": ratios,
+    out.write_text(json.dumps({"new_tokens": NEW_TOKENS, "top_p": top_p, "rows": rows, "ratios": ratios,
                                "median_itl_ms": statistics.median([r["itl_p50_ms"] for r in rows])}, indent=2) + "\n")
 
 
