@@ -55,10 +55,11 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
     from ..runtime import BundleError, CPMGenerator, GenerationError, ProviderError, SamplingConfig
     from ..runtime.tensorrt_versions import TensorRTVersionError
     from ..runtime.cuda import CudaUnavailable
+    from ..runtime.sampling import NonFiniteLogits
     from ..runtime.tensorrt_decoder import EngineError
 
     errors = (BundleError, GenerationError, ProviderError, ValueError, FileNotFoundError, CudaUnavailable,
-              TensorRTVersionError, EngineError)
+              TensorRTVersionError, EngineError, NonFiniteLogits)
     with user_errors(*errors):
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))

@@ -11,6 +11,10 @@ NUCLEUS_FIRST_GUESS = 64  # tokens sorted first for top-p; a trained model's nuc
 PICK_BLOCK = 256  # tokens per block sum when drawing
 
 
+class NonFiniteLogits(RuntimeError):
+    """The graph gave NaN or +inf logits (or -inf everywhere): no token can be chosen from them."""
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     do_sample: bool = False
@@ -144,6 +148,11 @@ def next_tokens(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generato
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     logits = apply_openai_penalties(logits, counts, cfg)
+    top = logits.max(axis=-1)  # NaN if any is; -inf masks single tokens, never all
+    if not np.isfinite(top).all():
+        row = int(np.flatnonzero(~np.isfinite(top))[0])
+        raise NonFiniteLogits(f"the graph's logits are not finite (row {row}: max {top[row]}); its precision "
+                              "overflowed or its weights are broken, and no token can be chosen")
     if not cfg.do_sample:
         return logits.argmax(axis=-1).astype(np.int64)
     draws = rng.random(logits.shape[0])

@@ -74,6 +74,19 @@ def test_bad_bundles(tmp_path, trained_bundle):
     assert "not a cpm-deploy-bundle manifest" in invoke(b, "股市").output
 
 
+def test_weights_that_give_nan_logits_are_named_not_decoded(tmp_path, trained_bundle):
+    b = tmp_path / "b"
+    shutil.copytree(trained_bundle, b)
+    for data in b.glob("*.onnx.data"):  # NaN floats over the middle half of every weight file
+        raw = bytearray(data.read_bytes())
+        start, floats = len(raw) // 16 * 4, len(raw) // 8  # from a quarter in, half the bytes
+        raw[start:start + 4 * floats] = b"\x00\x00\xc0\x7f" * floats
+        assert len(raw) == data.stat().st_size
+        data.write_bytes(bytes(raw))
+    r = invoke(b, "股市", "-n", "3", "--no-verify")
+    assert r.exit_code == 1 and "logits are not finite" in r.output and "Traceback" not in r.output
+
+
 def test_empty_prompt(trained_bundle):
     r = invoke(trained_bundle, "")
     assert r.exit_code == 1 and "empty prompt" in r.output

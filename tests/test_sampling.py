@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cpm_deploy.runtime.sampling import (PICK_BLOCK, SamplingConfig, _pick, apply_openai_penalties,
+from cpm_deploy.runtime.sampling import (PICK_BLOCK, NonFiniteLogits, SamplingConfig, _pick, apply_openai_penalties,
                                          apply_repetition_penalty, kept_tokens, next_tokens)
 
 
@@ -61,6 +61,21 @@ def test_draws_land_on_positive_weights_only_and_follow_them():
     draws = np.bincount([_pick(w, r) for r in np.random.default_rng(0).random(20000)], minlength=len(w))
     assert np.allclose(draws[[3, PICK_BLOCK + 5, 3 * PICK_BLOCK + 2]] / 20000, [0.25, 0.5, 0.25], atol=0.015)
     assert draws.sum() == draws[[3, PICK_BLOCK + 5, 3 * PICK_BLOCK + 2]].sum()
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(), SamplingConfig(do_sample=True, top_p=0.9),
+                                 SamplingConfig(do_sample=True, top_k=5)], ids=["greedy", "top-p", "top-k"])
+def test_non_finite_logits_are_refused_by_name_not_turned_into_tokens(cfg):
+    ok = np.zeros((2, 100), np.float32)
+    ok[0, 50:] = -np.inf  # masked tokens are fine
+    assert next_tokens(ok, cfg, np.random.default_rng(0))[0] < 50
+    for bad in (np.nan, np.inf):
+        logits = ok.copy()
+        logits[1, 7] = bad
+        with pytest.raises(NonFiniteLogits, match="row 1"):
+            next_tokens(logits, cfg, np.random.default_rng(0))
+    with pytest.raises(NonFiniteLogits, match="row 0"):
+        next_tokens(np.full((1, 100), -np.inf, np.float32), cfg, np.random.default_rng(0))
 
 
 def test_repetition_penalty_like_transformers():
