@@ -1,5 +1,6 @@
-"""Next-token choice in numpy, vectorised over the batch: greedy, temperature, top-k, top-p,
-repetition penalty, OpenAI's presence/frequency penalties and logit bias. Same seed, same tokens."""
+"""Next-token choice in numpy: greedy, temperature, top-k, top-p, repetition penalty, OpenAI's
+presence/frequency penalties and logit bias. Penalties and greedy work on the whole batch at once;
+sampled rows are drawn one by one (each sorts at most its nucleus). Same seed, same tokens."""
 
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ def _draw(x: np.ndarray, cfg: SamplingConfig, r: float) -> int:
 def _pick(w: np.ndarray, r: float) -> int:
     """An index drawn with probability proportional to w [n] (float32, >= 0, some > 0) for r
     uniform in [0, 1): the first whose running sum reaches (1 - r) of the total, found through
-    block sums so that no float64 pass runs over all n (a row took 140 us that way, this ~40)."""
+    block sums so that no float64 running sum covers all n (with float32 exp, a whole draw went
+    from 160 to 60 us a row)."""
     n = len(w)
     full = n - n % PICK_BLOCK
     sums = w[:full].reshape(-1, PICK_BLOCK).sum(axis=1, dtype=np.float64)
