@@ -238,9 +238,9 @@ class Engine:
                 self._finish(s, "cancelled" if s.request.cancelled.is_set() else "timeout")
 
     def _prefill(self, requests: list[Request]) -> None:
-        seqs = [s for r in requests for s in make_sequences(r, self.tokenizer, self.generator.config["vocab_size"])]
         start = len(self.rows)
-        try:
+        try:  # admitted requests have left the queue: whatever fails here must answer them
+            seqs = [s for r in requests for s in make_sequences(r, self.tokenizer, self.generator.config["vocab_size"])]
             logits = self.decoder.run_prefill([s.request.prompt for s in seqs], self.pool.views(start, start + len(seqs)),
                                               self.tokenizer.pad_id)
         except Exception as e:  # noqa: BLE001 - one failed step fails its requests, never the server

@@ -175,6 +175,25 @@ def test_a_failing_step_fails_only_its_requests(trained_bundle, trained_generato
         assert e.complete(PROMPTS[8], 3)[0]["tokens"] == 3
 
 
+def test_a_request_whose_setup_fails_is_answered_not_stranded(trained_bundle, monkeypatch):
+    import cpm_deploy.serve.engine as engine_module
+
+    real = engine_module.make_sequences
+
+    def make_sequences(request, *args):
+        if request.max_new_tokens == 5:
+            raise RuntimeError("injected setup failure")
+        return real(request, *args)
+
+    monkeypatch.setattr(engine_module, "make_sequences", make_sequences)
+    with Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=4) as e:
+        events = queue.Queue()
+        e.submit(e.make_request(PROMPTS[0], 5, sink=events.put))  # admitted, then its setup fails
+        ev = events.get(timeout=10)
+        assert ev.kind == "error" and "injected setup failure" in ev.text
+        assert e.complete(PROMPTS[1], 3)[0]["tokens"] == 3
+
+
 def test_a_full_queue_refuses_at_once(trained_bundle):
     e = Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=1, max_queue=2)  # not started
     for _ in range(2):
