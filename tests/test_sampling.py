@@ -126,7 +126,8 @@ def test_logit_bias_is_added_before_sampling_and_can_force_or_ban():
 @pytest.mark.parametrize("kwargs", [{"temperature": 0}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1},
                                     {"repetition_penalty": 0}, {"stop": ("",)}, {"presence_penalty": 2.5},
                                     {"frequency_penalty": -3}, {"logit_bias": ((5, 101.0),)},
-                                    {"logit_bias": ((-1, 1.0),)}, {"logit_bias": ((5, float("nan")),)}])
+                                    {"logit_bias": ((-1, 1.0),)}, {"logit_bias": ((5, float("nan")),)},
+                                    {"seed": -1}, {"seed": 1.5}])
 def test_invalid_values_are_refused(kwargs):
     with pytest.raises(ValueError):
         SamplingConfig(**kwargs)

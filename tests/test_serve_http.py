@@ -120,6 +120,7 @@ def test_prompt_lists_n_seed_stop_and_extra_fields_over_httpx(trained_server):
     ({"prompt": "清华", "logit_bias": {"5": 101}}, "logit_bias"),
     ({"prompt": "清华", "logit_bias": {"x5": 1}}, "logit_bias"),
     ({"prompt": "清华", "logit_bias": {"99999999": 1}}, None),
+    ({"prompt": "清华", "seed": -1}, None),
     ({"prompt": "清华", "logit_bias": {str(i): 1 for i in range(2000)}}, "logit_bias"),
 ])
 def test_bad_requests_get_openai_shaped_400s_and_disturb_nothing(trained_server, client, body, param):
