@@ -10,6 +10,7 @@ import numpy as np
 
 NUCLEUS_FIRST_GUESS = 64  # tokens sorted first for top-p; a trained model's nucleus is mostly smaller
 PICK_BLOCK = 256  # tokens per block sum when drawing
+MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
 
 
 class NonFiniteLogits(RuntimeError):
@@ -160,4 +161,7 @@ def next_tokens(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generato
     if not cfg.do_sample:
         return logits.argmax(axis=-1).astype(np.int64)
     draws = rng.random(logits.shape[0])
-    return np.array([_draw(row, cfg, r) for row, r in zip(logits / cfg.temperature, draws)], np.int64)
+    with np.errstate(over="ignore"):  # a tiny temperature sends all but the largest to -inf, as it should
+        # max first, so nothing overflows to +inf; temperatures under float32's smallest would divide by 0
+        scaled = (logits - top[:, None]) / max(cfg.temperature, MIN_TEMPERATURE)
+    return np.array([_draw(row, cfg, r) for row, r in zip(scaled, draws)], np.int64)

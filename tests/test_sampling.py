@@ -94,6 +94,13 @@ def test_sampling_follows_the_distribution_and_the_seed():
     assert np.array_equal(draws, again)
 
 
+def test_a_vanishing_temperature_is_greedy_and_never_overflows():
+    logits = np.array([[1.0, 3.0, 2.9, -np.inf], [2.0, 2.0, 1.0, 0.0]], np.float32)
+    rng = np.random.default_rng(0)
+    draws = np.array([next_tokens(logits, SamplingConfig(do_sample=True, temperature=1e-300), rng) for _ in range(200)])
+    assert (draws[:, 0] == 1).all() and set(draws[:, 1].tolist()) == {0, 1}  # ties stay a draw
+
+
 def test_temperature_sharpens():
     logits = np.log(np.array([[0.6, 0.4]] * 5000))
     cold = next_tokens(logits, SamplingConfig(do_sample=True, temperature=0.1), np.random.default_rng(1))
