@@ -4,4 +4,4 @@ Subpackages: ``exporter`` (torch side), ``optimize`` (graph passes), ``runtime``
 (torch-free generation), ``cli`` (click commands).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

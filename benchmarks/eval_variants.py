@@ -32,17 +32,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "eval_variants.json")
     args = ap.parse_args()
 
-    from cpm_deploy.runtime import CPMGenerator
-    from cpm_deploy.runtime.zero_shot import classify, load_task, summarize
+    from cpm_deploy.runtime.eval import classify, encode_examples, load_task, open_scorer, summarize
 
     bundle = args.bundle or _trained_bundle(args.workdir)
     task = load_task("tnews", args.data, args.limit)
-    rows, first = {}, None
+    rows, first, encoded = {}, None, None
     for target, precision in VARIANTS:
         name = f"{target}-{precision}"
-        gen = CPMGenerator.from_bundle(bundle, variant=name, threads=args.threads, verify=False)
+        scorer = open_scorer(bundle, name, threads=args.threads, verify=False)
+        encoded = encoded or encode_examples(task, scorer.tokenizer, scorer.n_positions)
         t0 = time.perf_counter()
-        out = classify(gen, task)
+        out = classify(scorer, encoded)
         seconds = time.perf_counter() - t0
         first = first or out["predictions"]
         rows[name] = {"accuracy": summarize(task, out["predictions"])["accuracy"],

@@ -75,7 +75,7 @@ def measure(bundle: Path, name: str, reference, held_out: list[str]) -> dict:
     import torch
 
     from cpm_deploy.runtime import Bundle, CPMGenerator
-    from cpm_deploy.runtime.evaluate import log_softmax, next_token_logits, perplexity
+    from cpm_deploy.runtime.eval.metrics import log_softmax, next_token_logits, perplexity
 
     manifest = Bundle.open(bundle).manifest
     gen = CPMGenerator.from_bundle(bundle, variant=name, verify=False)

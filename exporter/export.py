@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 
 from .. import __version__
-from ..optimize import variants
+from ..optimize import score_graph, variants
 from ..optimize.quantize import BLOCK_SIZE
 from ..runtime.bundle import (BASE_DATA, FORMAT, FORMAT_VERSION, FULL_GRAPH, GENERATION_GRAPH, HF_CONFIG, MANIFEST,
                               sha256_file)
@@ -26,7 +26,7 @@ from .external_data import ExternalDataWriter
 from .load import load_checkpoint
 from .onnx_graph import DIMS, build_decoder, io_spec, nodes_per_layer
 from .staging import check_output, staged_dir
-from .verify import CASES, reference, run_parity
+from .verify import CASES, reference, run_parity, score_parity
 
 SHARED_KV_CAPACITY = 32  # >= the longest verification case (past 9 + 17)
 
@@ -118,6 +118,7 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
         t_verify = time.perf_counter()
         ranges = _fp16_ranges(tmp, expected, tokenizer, step) if any(p == "fp16" for _, p in options.variants) else None
         _build_variants(tmp, graphs, cfg.n_layer, expected, options, step)
+        _add_score_graphs(tmp, graphs, cfg.to_dict(), expected, tokenizer, options, step)
         t_variants = time.perf_counter()
 
         tok_entry = _copy_tokenizer(tokenizer, tmp)
@@ -221,6 +222,27 @@ def _build_variants(folder: Path, graphs: dict, n_layer: int, expected, options:
     for key in dict.fromkeys(f"{t}-{p}" for t, p in [*options.variants, ("cpu", "int8")]):  # as asked, then int8
         if key in graphs:
             graphs[key] = graphs.pop(key)
+
+
+def _add_score_graphs(folder: Path, graphs: dict, config: dict, expected, tokenizer: Path, options: ExportOptions,
+                      step) -> None:
+    """Each CPU shared-KV graph's scoring twin (cpm-eval's one pass), checked against the reference
+    through the runtime scorer that will run it."""
+    from ..runtime.eval.scoring import OnePassScorer
+
+    for key, entry in graphs.items():
+        if entry.get("target") != "cpu" or entry.get("kv_cache") != "shared":
+            continue
+        step(f"score graph {key}", 0, 1)
+        file = score_graph.build(folder, entry["file"])
+        scorer = OnePassScorer(folder / file, CPMTokenizer(tokenizer), config, key, 8, threads=options.threads)
+        report = score_parity(expected, scorer.logprobs, variants.SCORE_GATES[entry["precision"]])
+        del scorer
+        if not report["passed"]:
+            raise ParityError(report, f"the scoring graph of {key} misses its gate: log-probabilities max |Δ| "
+                                      f"{report['logprobs_max_abs_diff']:.3g} > {report['max_abs_diff']:g}")
+        entry["score"] = {"file": file, "data": entry["data"], "parity": report}
+        step(f"score graph {key}", 1, 1)
 
 
 def _label(key: str, options: ExportOptions) -> str:

@@ -81,12 +81,14 @@ def _reference(model: CPMModel, case: Case, seed: int) -> Expected:
     return Expected(case, feeds, outputs, mask[:, P:].bool().numpy())
 
 
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def _kl(ref: np.ndarray, got: np.ndarray) -> float:
     """Mean KL(reference || variant) of the next-token distributions, rows of [N, V]."""
-    def log_softmax(x):
-        x = x.astype(np.float64) - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-    lp, lq = log_softmax(ref), log_softmax(got)
+    lp, lq = _log_softmax(ref), _log_softmax(got)
     return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
 
 
@@ -185,3 +187,22 @@ def summarise(results: list[dict], atol: float, rtol: float) -> dict:
             "presents_max_abs_diff": max(r.get("presents_max_abs_diff", np.inf) for r in results),
             "top1_agreement": min(r.get("top1_agreement", 0.0) for r in results),
             "mean_kl": max(r.get("mean_kl", np.inf) for r in results)}
+
+
+def score_parity(expected: list[Expected], logprobs: Callable, max_abs_diff: float) -> dict:
+    """A scoring graph (``logprobs(prefixes, continuations)``, as runtime scorers take them) against
+    the reference's log-probability of each next token, on the cases without past or padding."""
+    cases = []
+    for exp in expected:
+        if exp.case.past or exp.case.seq < 2:
+            continue
+        pads = exp.case.left_pad or (0,) * exp.case.batch  # a left-padded row is its real tokens alone
+        rows = [ids[n:] for ids, n in zip(exp.feeds["input_ids"], pads)]
+        logits = [lg[n:] for lg, n in zip(exp.outputs["logits"], pads)]
+        got = np.concatenate(logprobs([r[:1].tolist() for r in rows], [r[1:].tolist() for r in rows]))
+        want = np.concatenate([_log_softmax(lg[:-1])[np.arange(len(r) - 1), r[1:]] for lg, r in zip(logits, rows)])
+        diff = np.abs(got - want) if np.all(np.isfinite(got)) else np.full_like(want, np.inf)
+        cases.append({"case": exp.case.name, "passed": bool(diff.max() <= max_abs_diff),
+                      "logprobs_max_abs_diff": float(diff.max()), "logprobs_mean_abs_diff": float(diff.mean())})
+    return {"max_abs_diff": max_abs_diff, "passed": all(c["passed"] for c in cases), "cases": cases,
+            "logprobs_max_abs_diff": max(c["logprobs_max_abs_diff"] for c in cases)}

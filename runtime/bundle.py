@@ -73,8 +73,8 @@ class Bundle:
         """Every file a graph, the tokenizer or an engine names is listed (and so checked)."""
         m, listed = self.manifest, self.manifest["files"]
         named = [(f"graphs.{k}.{f}", g.get(f)) for k, g in m["graphs"].items() for f in ("file", "data")]
-        named += [(f"graphs.{k}.prefill.{f}", g["prefill"].get(f)) for k, g in m["graphs"].items() if g.get("prefill")
-                  for f in ("file", "data")]
+        named += [(f"graphs.{k}.{twin}.{f}", g[twin].get(f)) for k, g in m["graphs"].items()
+                  for twin in ("prefill", "score") if g.get(twin) for f in ("file", "data")]
         named += [(f"tokenizer.{f}", (m.get("tokenizer") or {}).get(f)) for f in ("file", "vocab")]
         named += [(f"engines.{k}.{f}", e.get(f)) for k, e in (m.get("engines") or {}).items()
                   for f in ("file", "timing_cache")]
@@ -111,13 +111,17 @@ class Bundle:
 
         return [str(p.relative_to(self.path.resolve())) for p in verify_files(files, mismatch)]
 
-    def graph_files(self, variant: str) -> list[str]:
-        """The files running ``variant`` reads: graph, weights, tokenizer. The graph's own
-        external-data references are checked against the manifest here, before onnxruntime opens it."""
+    def graph_files(self, variant: str, part: str = "generate") -> list[str]:
+        """The files running ``variant`` reads: graph, weights, tokenizer; ``part="score"``: those of
+        its scoring twin instead. The graphs' own external-data references are checked against the
+        manifest here, before onnxruntime opens them."""
         graph = self.graph(variant)
-        names = self._onnx_files(graph["file"])
-        if graph.get("prefill"):
-            names += self._onnx_files(graph["prefill"]["file"])
+        if part == "score":
+            names = self._onnx_files(graph["score"]["file"])
+        else:
+            names = self._onnx_files(graph["file"])
+            if graph.get("prefill"):
+                names += self._onnx_files(graph["prefill"]["file"])
         return names + ([self.manifest["tokenizer"]["file"]] if self.manifest.get("tokenizer") else [])
 
     def _onnx_files(self, file: str) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import huge_pages
-from .padding import left_pad
+from .padding import left_pad, right_pad
 from .session import create_session
 
 # Prompts longer than this run in chunks, each attending to what the earlier ones cached:
@@ -136,6 +136,19 @@ class ConcatKVDecoder(_OrtDecoder):
         return logits
 
 
+def _lengths(lengths: np.ndarray, query: np.ndarray) -> dict[str, np.ndarray]:
+    """GroupQueryAttention's length inputs: ``lengths`` tokens per row once the call is done, of
+    which ``query`` are new in it."""
+    return {"seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(lengths.max(), np.int32),
+            "query_seqlens": query.astype(np.int32)}
+
+
+def prompt_feeds(rows: list[list[int]], pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Whole prompts into empty cache rows, right-padded (scoring graphs take the same feeds)."""
+    ids, pos, lengths = right_pad(rows, pad_id)
+    return {"input_ids": ids, "position_ids": pos, **_lengths(lengths, lengths)}
+
+
 @dataclass
 class SharedState:
     lengths: np.ndarray  # [B] tokens in the cache
@@ -192,10 +205,6 @@ class StepBinding:
 class SharedKVDecoder(_OrtDecoder):
     kind = "shared"
 
-    def _lengths(self, lengths: np.ndarray, query: np.ndarray) -> dict[str, np.ndarray]:
-        return {"seqlens_k": (lengths - 1).astype(np.int32), "total_sequence_length": np.array(lengths.max(), np.int32),
-                "query_seqlens": query.astype(np.int32)}
-
     # -- batched entry points over caller-owned KV buffers (a server's slot pool) ------------------
     def run_prefill(self, rows: list[list[int]], past: list, pad_id: int = 0) -> np.ndarray:
         """Prompts into empty cache rows; ``past`` holds one [B, heads, capacity, head_dim] buffer
@@ -203,13 +212,7 @@ class SharedKVDecoder(_OrtDecoder):
         width = max(len(r) for r in rows)
         if width > PREFILL_CHUNK and all(len(r) == width for r in rows):
             return self._prefill_chunks(rows, past)
-        ids = np.full((len(rows), width), pad_id, np.int64)
-        pos = np.zeros((len(rows), width), np.int64)
-        for b, r in enumerate(rows):  # right padding: row b's tokens at 0 .. len-1
-            ids[b, :len(r)], pos[b, :len(r)] = r, np.arange(len(r))
-        lengths = np.array([len(r) for r in rows], np.int64)
-        feeds = {"input_ids": ids, "position_ids": pos, **self._lengths(lengths, lengths)}
-        return self._run(feeds, past, shared=True, session=self.prefill_session)[0]
+        return self._run(prompt_feeds(rows, pad_id), past, shared=True, session=self.prefill_session)[0]
 
     def _prefill_chunks(self, rows: list[list[int]], past: list) -> np.ndarray:
         # rows of one length only: GroupQueryAttention places a chunk after (total - chunk) cached
@@ -219,13 +222,13 @@ class SharedKVDecoder(_OrtDecoder):
             chunk = np.array([r[start:start + PREFILL_CHUNK] for r in rows], np.int64)
             width = chunk.shape[1]
             feeds = {"input_ids": chunk, "position_ids": np.tile(np.arange(start, start + width), (batch, 1)),
-                     **self._lengths(np.full(batch, start + width), np.full(batch, width))}
+                     **_lengths(np.full(batch, start + width), np.full(batch, width))}
             logits = self._run(feeds, past, shared=True, session=self.prefill_session)[0]
         return logits
 
     def _step_feeds(self, tokens: np.ndarray, cached: np.ndarray) -> dict[str, np.ndarray]:
         return {"input_ids": tokens.reshape(-1, 1).astype(np.int64), "position_ids": cached.reshape(-1, 1).astype(np.int64),
-                **self._lengths(cached + 1, np.ones_like(cached))}
+                **_lengths(cached + 1, np.ones_like(cached))}
 
     def run_step(self, tokens: np.ndarray, cached: np.ndarray, past: list) -> np.ndarray:
         """One token per row after ``cached`` [B] tokens already in that row's cache; logits [B, V].

@@ -53,7 +53,7 @@ class Tokenizer(_Strict):
     vocab: RelPath | None = None
 
 
-class PrefillGraph(_Strict):
+class GraphFile(_Strict):
     file: RelPath
     data: RelPath | None = None
 
@@ -63,7 +63,8 @@ class Graph(_Strict):
     data: RelPath | None = None
     precision: str = "fp32"
     kv_cache: Literal["concat", "shared"] = "concat"
-    prefill: PrefillGraph | None = None  # the graph prompts run on, sharing the KV buffers
+    prefill: GraphFile | None = None  # the graph prompts run on, sharing the KV buffers
+    score: GraphFile | None = None  # its scoring twin: every position's log-probability in one pass
 
 
 class EngineLimits(_Strict):

@@ -30,7 +30,7 @@ def test_no_module_of_runtime_or_serve_imports_exporter_or_optimize():
     from conftest import ROOT
 
     for folder in ("runtime", "serve"):
-        for path in (ROOT / folder).glob("*.py"):
+        for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])

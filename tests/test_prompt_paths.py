@@ -119,7 +119,7 @@ def test_int4_steps_of_many_rows_run_on_the_int8_graph(trained_bundle):
 
 
 def test_eval_scores_cpu_int4_on_its_4bit_graph_at_any_width(trained_bundle):
-    from cpm_deploy.runtime.zero_shot import perplexity_of_lines
+    from cpm_deploy.runtime.eval import open_scorer, perplexity_of_lines
 
     g4 = CPMGenerator.from_bundle(trained_bundle, variant="cpu-int4", threads=1)
     g8 = CPMGenerator.from_bundle(trained_bundle, variant="cpu-int8", threads=1)
@@ -128,7 +128,9 @@ def test_eval_scores_cpu_int4_on_its_4bit_graph_at_any_width(trained_bundle):
     assert g4.decoder.step_session(64) is g4.decoder.prefill_session  # as it was
     lines = ["清华大学是中国著名的高等学府", "今天天气很好", "股市今天大幅上涨", "春节期间很多人回家"] * 2
     # routed, the 8-row steps would run the int8 graph and read int8's perplexity exactly
-    assert perplexity_of_lines(g4, lines, batch=8) != perplexity_of_lines(g8, lines, batch=8)
+    for method in ("steps", "one-pass"):
+        s4, s8 = (open_scorer(trained_bundle, g, method, threads=1) for g in ("cpu-int4", "cpu-int8"))
+        assert perplexity_of_lines(s4, lines, batch=8) != perplexity_of_lines(s8, lines, batch=8)
 
 
 def test_int4_without_the_int8_prompt_graph(tmp_path, trained_hf):

@@ -14,7 +14,7 @@ from cpm_deploy.cli.export import main as export_cli, variants_table
 from cpm_deploy.exporter.quality import Search, _ddmin, fit_to_gate
 from cpm_deploy.optimize.quantize import BLOCK_SIZES, quantize_matmuls
 from cpm_deploy.runtime import CPMGenerator
-from cpm_deploy.runtime.evaluate import perplexity
+from cpm_deploy.runtime.eval.metrics import perplexity
 
 
 def test_ddmin_finds_exactly_the_sensitive_matmuls():

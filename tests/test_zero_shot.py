@@ -11,8 +11,7 @@ from click.testing import CliRunner
 
 from conftest import SHARED, corpus_lines, needs_corpus
 from cpm_deploy.cli.eval import main as eval_cli
-from cpm_deploy.runtime.evaluate import perplexity
-from cpm_deploy.runtime.zero_shot import classify, load_task, perplexity_of_lines
+from cpm_deploy.runtime.eval import classify, encode_examples, load_task, open_scorer, perplexity, perplexity_of_lines
 
 TNEWS = SHARED / "corpus"
 
@@ -32,8 +31,12 @@ def torch_scores(model, tokenizer, prompts, sentence, seq_len=128):
     return out
 
 
+def scored(scorer, task):
+    return classify(scorer, encode_examples(task, scorer.tokenizer, scorer.n_positions))
+
+
 @needs_corpus
-def test_predictions_match_an_independent_torch_implementation(trained_hf, trained_generator, tmp_path):
+def test_predictions_match_an_independent_torch_implementation(trained_hf, trained_bundle, tmp_path):
     from cpm_deploy.exporter import load_checkpoint
 
     data = tmp_path / "tnews"
@@ -41,18 +44,15 @@ def test_predictions_match_an_independent_torch_implementation(trained_hf, train
     shutil.copyfile(TNEWS / "tnews-dev.jsonl", data / "dev.json")
     shutil.copyfile(TNEWS / "tnews-labels.jsonl", data / "labels.json")
     task = load_task("tnews", data, limit=300)
-    ours = classify(trained_generator, task, batch=32)
+    scorer = open_scorer(trained_bundle, "cpu-fp32", threads=1)
+    ours = scored(scorer, task)
     model = load_checkpoint(trained_hf).model
-    want = [torch_scores(model, trained_generator.tokenizer, ex.prompts, ex.sentence) for ex in task.examples]
+    want = [torch_scores(model, scorer.tokenizer, [c for c, _ in ex.texts], ex.texts[0][1], 1024) for ex in task.examples]
     assert np.abs(np.array(ours["scores"]) - np.array(want)).max() <= 1e-4
     assert ours["predictions"] == [int(np.argmin(w)) for w in want]
     assert len(set(ours["predictions"])) > 1  # the scores are not flat: labels really compete
     # an example's candidates split over calls (a TensorRT engine's small batch profile) score the same
-    trained_generator.decoder.max_batch = 4
-    try:
-        few = classify(trained_generator, load_task("tnews", data, limit=20), batch=32)
-    finally:
-        del trained_generator.decoder.max_batch
+    few = scored(open_scorer(trained_bundle, "cpu-fp32", "steps", batch=4, threads=1), load_task("tnews", data, limit=20))
     assert np.abs(np.array(few["scores"]) - np.array(want[:20])).max() <= 1e-4
 
 
@@ -85,12 +85,14 @@ def test_iflytek_and_ocnli_in_clue_format_through_the_cli(trained_bundle, tmp_pa
     assert "accuracy" in result.output and "per label" in result.output
 
 
-def test_perplexity_task_equals_the_one_row_helper(trained_generator, tmp_path):
+def test_perplexity_task_equals_the_one_row_helper(trained_bundle, trained_generator, tmp_path):
     lines = corpus_lines(30)[:20]
-    batched = perplexity_of_lines(trained_generator, lines, batch=7)
+    batched = perplexity_of_lines(open_scorer(trained_bundle, "cpu-fp32", "steps", threads=1), lines, batch=7)
     tok = trained_generator.tokenizer
     single = perplexity(trained_generator.decoder, [tok.encode(t) + [tok.eod_id] for t in lines])
     assert batched["perplexity"] == pytest.approx(single, rel=1e-6)
+    one_pass = perplexity_of_lines(open_scorer(trained_bundle, "cpu-fp32", "one-pass", threads=1), lines, batch=7)
+    assert one_pass["perplexity"] == pytest.approx(single, rel=1e-4)
     (tmp_path / "t.txt").write_text("\n".join(lines), encoding="utf-8")
     result = CliRunner().invoke(eval_cli, [str(tmp_path.parent), "--task", "perplexity", "--data", str(tmp_path / "t.txt")])
     assert result.exit_code == 1 and "Traceback" not in result.output  # not a bundle: one line

@@ -1,4 +1,4 @@
-"""Quality of a generation graph on text: teacher-forced next-token logits, perplexity."""
+"""Quality of a generation graph on text: teacher-forced next-token logits, log-probabilities, perplexity."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
+
+from .tasks import EvalDataError
 
 
 def next_token_logits(decoder, ids: list[int]) -> np.ndarray:
@@ -52,3 +54,22 @@ def perplexity(decoder, texts_ids: Iterable[list[int]], batch: int = 1, pad_id: 
         if on_progress:
             on_progress(min(start + batch, len(texts)), len(texts))
     return math.exp(nll / count)
+
+
+def perplexity_of_lines(scorer, lines: Iterable[str], batch: int = 32,
+                        on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Perplexity over texts (one per line, <eod> appended; a longer line is scored on its first
+    n_positions tokens), ``batch`` lines per call of ``scorer.logprobs``."""
+    tok = scorer.tokenizer
+    texts = [(ids + [tok.eod_id])[:scorer.n_positions] for line in lines if line.strip() and (ids := tok.encode(line))]
+    if not texts:
+        raise EvalDataError("no text to score")
+    nll, count = 0.0, 0
+    for start in range(0, len(texts), batch):
+        chunk = texts[start:start + batch]
+        lps = scorer.logprobs([t[:1] for t in chunk], [t[1:] for t in chunk])
+        nll -= sum(float(lp.sum()) for lp in lps)
+        count += sum(len(lp) for lp in lps)
+        if on_progress:
+            on_progress(min(start + batch, len(texts)), len(texts))
+    return {"lines": len(texts), "tokens": count, "perplexity": math.exp(nll / count)}

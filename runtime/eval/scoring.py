@@ -1,0 +1,194 @@
+"""Teacher-forced log-probabilities of known token sequences, on any graph of a bundle. No torch.
+
+One call: ``scorer.logprobs(prefixes, continuations)`` -> per row, log p(token | everything before it)
+for each continuation token. Three ways to get them, best first:
+
+- ``OnePassScorer``: the graph's scoring twin (optimize/score_graph.py) runs prefix + continuation in
+  one forward pass and returns each position's log-probability of the next token.
+- ``FullLogitsScorer``: the standard graph with logits at every position (``decoder.onnx``).
+- ``StepScorer``: any decoder's prefill, then one decode step per continuation token (TensorRT
+  engines, graphs without a scoring twin).
+
+Rows are sorted by length and sent in groups of at most ``max_rows`` rows and ``MAX_TOKENS`` padded
+positions: the head's [rows, positions, vocabulary] logits are the largest tensor of a pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import Bundle, BundleError
+from ..decoder import prompt_feeds
+from ..padding import right_pad
+from ..session import create_session
+from ..tokenizer import CPMTokenizer
+from .metrics import continuation_logprobs
+
+MAX_TOKENS = 2048  # padded positions per pass: 2048 x 30000 fp32 logits are 245 MB, twice over with LogSoftmax
+METHODS = ("auto", "one-pass", "steps")
+log = logging.getLogger("cpm_deploy")
+
+
+class Scorer:
+    """What every scorer knows besides ``logprobs``: its graph, tokenizer and limits."""
+
+    method = ""
+
+    def __init__(self, tokenizer: CPMTokenizer, config: dict, graph_name: str, max_rows: int):
+        self.tokenizer, self.config, self.graph_name, self.max_rows = tokenizer, config, graph_name, max_rows
+        self.n_positions = config["n_positions"]
+        self.eod_id = config.get("eod_id", tokenizer.eod_id)
+
+    def logprobs(self, prefixes: list[list[int]], continuations: list[list[int]]) -> list[np.ndarray]:
+        if any(not p for p in prefixes) or any(not c for c in continuations):
+            raise ValueError("every row needs a prefix token and a continuation token")
+        if (need := max(len(p) + len(c) for p, c in zip(prefixes, continuations)) - 1) > self.n_positions:
+            raise ValueError(f"a row needs {need} positions; the model has {self.n_positions}")
+        out: list[np.ndarray] = [np.empty(0)] * len(prefixes)
+        for group in self._groups([len(p) + len(c) for p, c in zip(prefixes, continuations)]):
+            for i, lp in zip(group, self._score([prefixes[i] for i in group], [continuations[i] for i in group])):
+                out[i] = lp
+        return out
+
+    def _groups(self, lengths: list[int]) -> list[list[int]]:
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        groups, current = [], []
+        for i in order:  # ascending: the last row added sets the group's width
+            if current and (len(current) == self.max_rows or (len(current) + 1) * lengths[i] > MAX_TOKENS):
+                groups.append(current)
+                current = []
+            current.append(i)
+        return groups + [current] if current else groups
+
+    def _score(self, prefixes: list[list[int]], continuations: list[list[int]]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
+class OnePassScorer(Scorer):
+    method = "one pass"
+
+    def __init__(self, path: Path, *args, provider: str = "cpu", threads: int | None = None):
+        super().__init__(*args)
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.session = create_session(path, provider, threads)
+        cfg = self.config
+        self.kv_shape = [cfg["n_head"], cfg["n_embd"] // cfg["n_head"]]
+        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        kv_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0])
+        self.kv_dtype = np.float16 if kv_type == "tensor(float16)" else np.float32
+        self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
+        self._kv: tuple[tuple, list] = ((), [])  # the last pass's buffers, reused while its shape repeats
+
+    def _buffers(self, batch: int, width: int) -> list:
+        shape = (batch, self.kv_shape[0], width, self.kv_shape[1])
+        if self._kv[0] != shape:
+            self._kv = (shape, [])  # drop the old set before allocating the new one
+            self._kv = (shape, [self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.kv_dtype, self.device)
+                                for _ in self.past_names])
+        return self._kv[1]
+
+    def _score(self, prefixes, continuations):
+        rows = [p + c for p, c in zip(prefixes, continuations)]
+        feeds = prompt_feeds([r[:-1] for r in rows], self.tokenizer.pad_id)
+        feeds["target_ids"] = right_pad([r[1:] for r in rows], 0)[0]
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output("token_logprobs", "cpu")
+        for name, value in zip(self.past_names, self._buffers(len(rows), feeds["input_ids"].shape[1])):
+            binding.bind_ortvalue_input(name, value)  # an empty cache, written in place and never read
+            binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        self.session.run_with_iobinding(binding)
+        lp = binding.get_outputs()[0].numpy()
+        return [lp[b, len(p) - 1:len(r) - 1].astype(np.float64) for b, (p, r) in enumerate(zip(prefixes, rows))]
+
+
+class FullLogitsScorer(Scorer):
+    method = "one pass"
+
+    def __init__(self, path: Path, *args, provider: str = "cpu", threads: int | None = None):
+        super().__init__(*args)
+        self.session = create_session(path, provider, threads)
+        cfg = self.config
+        self.kv_shape = [cfg["n_head"], 0, cfg["n_embd"] // cfg["n_head"]]  # an empty past per row
+        self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+
+    def _score(self, prefixes, continuations):
+        rows = [p + c for p, c in zip(prefixes, continuations)]
+        ids, pos, lengths = right_pad([r[:-1] for r in rows], self.tokenizer.pad_id)
+        mask = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)
+        past = np.zeros((len(rows), *self.kv_shape), np.float32)
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos} | dict.fromkeys(self.past_names, past)
+        logits = self.session.run(["logits"], feeds)[0]
+        targets = right_pad([r[1:] for r in rows], 0)[0]
+        return [_picked_logprobs(logits[b, len(p) - 1:len(r) - 1], targets[b, len(p) - 1:len(r) - 1])
+                for b, (p, r) in enumerate(zip(prefixes, rows))]
+
+
+def _picked_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log_softmax(logits)[t, targets[t]]: exp in float32, sums in float64."""
+    logits = logits.astype(np.float32, copy=False)
+    top = logits.max(-1, keepdims=True)
+    norm = np.log(np.exp(logits - top).sum(-1, dtype=np.float64))
+    return (logits[np.arange(len(targets)), targets] - top[:, 0]).astype(np.float64) - norm
+
+
+class StepScorer(Scorer):
+    method = "step by step"
+
+    def __init__(self, decoder, *args):
+        super().__init__(*args)
+        self.decoder = decoder
+
+    def _groups(self, lengths):  # a decode step costs the same at any width: keep the caller's order
+        return [list(range(s, min(s + self.max_rows, len(lengths)))) for s in range(0, len(lengths), self.max_rows)]
+
+    def _score(self, prefixes, continuations):
+        # cpu-int4 scores on its own 4-bit steps at any width, not on its int8 prompt graph
+        own = self.decoder.own_graph_steps() if hasattr(self.decoder, "own_graph_steps") else nullcontext()
+        with own:
+            return continuation_logprobs(self.decoder, prefixes, continuations, self.tokenizer.pad_id)
+
+
+def open_scorer(path: str | Path, graph: str | None = None, method: str = "auto", batch: int = 32,
+                provider: str = "cpu", threads: int | None = None, backend: str = "onnxruntime",
+                verify: bool = True) -> Scorer:
+    """The fastest scorer ``method`` allows for ``graph`` of the bundle at ``path`` (default: the
+    bundle's default graph). ``batch``: rows per pass at most."""
+    if method not in METHODS:
+        raise ValueError(f"unknown scoring method {method!r}; choose {', '.join(METHODS)}")
+    bundle = Bundle.open(path, verify=False)
+    if bundle.tokenizer_path is None:
+        raise BundleError(f"bundle {path} ships no tokenizer model")
+    name = graph or bundle.default_graph
+    if backend == "onnxruntime" and method != "steps":
+        entry, graphs = bundle.graph(name), bundle.manifest["graphs"]
+        full = name if entry.get("logits") == "all" else ("decoder" if name == "decoder_last" and "decoder" in graphs
+                                                           else None)
+        args = (CPMTokenizer(bundle.tokenizer_path), bundle.config, name, batch)
+        if entry.get("score"):
+            files = bundle.graph_files(name, part="score")
+            if verify:
+                bundle.verify(files)
+            return OnePassScorer(bundle.resolve(entry["score"]["file"]), *args, provider=provider, threads=threads)
+        if full is not None:
+            files = bundle.graph_files(full)
+            if verify:
+                bundle.verify(files)
+            return FullLogitsScorer(bundle.resolve(graphs[full]["file"]), *args, provider=provider, threads=threads)
+        if method == "one-pass":
+            raise BundleError(f"graph {name} has no scoring graph (bundles exported before cpm-deploy 0.2 lack "
+                              "them): re-export the bundle, or score step by step")
+        log.warning("graph %s has no scoring graph (an older export): scoring one decode step per token, "
+                    "many times slower; re-export the bundle for one-pass scoring", name)
+    from ..generator import CPMGenerator  # a decoder of any backend, opened as generation opens it
+
+    gen = CPMGenerator.from_bundle(path, provider, threads, verify, graph, backend)
+    rows = min(batch, getattr(gen.decoder, "max_batch", batch))  # a TensorRT engine's batch profile
+    return StepScorer(gen.decoder, gen.tokenizer, gen.config, gen.graph_name, rows)
