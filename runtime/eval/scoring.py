@@ -9,8 +9,10 @@ for each continuation token. Three ways to get them, best first:
 - ``StepScorer``: any decoder's prefill, then one decode step per continuation token (TensorRT
   engines, graphs without a scoring twin).
 
-Rows are sorted by length and sent in groups of at most ``max_rows`` rows and ``MAX_TOKENS`` padded
-positions: the head's [rows, positions, vocabulary] logits are the largest tensor of a pass.
+Rows are sorted by length and sent in groups of at most ``max_rows`` rows and ``TOKENS_PER_PASS``
+padded positions (a longer row goes alone): the head's [positions, vocabulary] logits are the largest
+tensor of a pass, and passes whose activations stay in the cores' caches run fastest (see
+benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..session import create_session
 from ..tokenizer import CPMTokenizer
 from .metrics import continuation_logprobs
 
-MAX_TOKENS = 2048  # padded positions per pass: 2048 x 30000 fp32 logits are 245 MB, twice over with LogSoftmax
+TOKENS_PER_PASS = 256
 METHODS = ("auto", "one-pass", "steps")
 log = logging.getLogger("cpm_deploy")
 
@@ -58,7 +60,7 @@ class Scorer:
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])
         groups, current = [], []
         for i in order:  # ascending: the last row added sets the group's width
-            if current and (len(current) == self.max_rows or (len(current) + 1) * lengths[i] > MAX_TOKENS):
+            if current and (len(current) == self.max_rows or (len(current) + 1) * lengths[i] > TOKENS_PER_PASS):
                 groups.append(current)
                 current = []
             current.append(i)
