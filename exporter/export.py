@@ -239,8 +239,10 @@ def _add_score_graphs(folder: Path, graphs: dict, config: dict, expected, tokeni
         report = score_parity(expected, scorer.logprobs, variants.SCORE_GATES[entry["precision"]])
         del scorer
         if not report["passed"]:
-            raise ParityError(report, f"the scoring graph of {key} misses its gate: log-probabilities max |Δ| "
-                                      f"{report['logprobs_max_abs_diff']:.3g} > {report['max_abs_diff']:g}")
+            (what, limit), = report["gate"].items()
+            raise variants.VariantError(f"the scoring graph of {key} misses its gate: log-probabilities "
+                                        f"{what.replace('_', ' ')} {report[f'logprobs_{what}']:.3g} > {limit:g}; "
+                                        "no bundle was written")
         entry["score"] = {"file": file, "data": entry["data"], "parity": report}
         step(f"score graph {key}", 1, 1)
 

@@ -189,9 +189,10 @@ def summarise(results: list[dict], atol: float, rtol: float) -> dict:
             "mean_kl": max(r.get("mean_kl", np.inf) for r in results)}
 
 
-def score_parity(expected: list[Expected], logprobs: Callable, max_abs_diff: float) -> dict:
+def score_parity(expected: list[Expected], logprobs: Callable, gate: dict) -> dict:
     """A scoring graph (``logprobs(prefixes, continuations)``, as runtime scorers take them) against
-    the reference's log-probability of each next token, on the cases without past or padding."""
+    the reference's log-probability of each next token, on the cases without past. ``gate``:
+    ``max_abs_diff`` or ``mean_abs_diff`` of the log-probabilities."""
     cases = []
     for exp in expected:
         if exp.case.past or exp.case.seq < 2:
@@ -202,7 +203,8 @@ def score_parity(expected: list[Expected], logprobs: Callable, max_abs_diff: flo
         got = np.concatenate(logprobs([r[:1].tolist() for r in rows], [r[1:].tolist() for r in rows]))
         want = np.concatenate([_log_softmax(lg[:-1])[np.arange(len(r) - 1), r[1:]] for lg, r in zip(logits, rows)])
         diff = np.abs(got - want) if np.all(np.isfinite(got)) else np.full_like(want, np.inf)
-        cases.append({"case": exp.case.name, "passed": bool(diff.max() <= max_abs_diff),
-                      "logprobs_max_abs_diff": float(diff.max()), "logprobs_mean_abs_diff": float(diff.mean())})
-    return {"max_abs_diff": max_abs_diff, "passed": all(c["passed"] for c in cases), "cases": cases,
-            "logprobs_max_abs_diff": max(c["logprobs_max_abs_diff"] for c in cases)}
+        measured = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
+        cases.append({"case": exp.case.name, "passed": all(measured[k] <= v for k, v in gate.items()),
+                      **{f"logprobs_{k}": v for k, v in measured.items()}})
+    return {"gate": gate, "passed": all(c["passed"] for c in cases), "cases": cases,
+            **{f"logprobs_{k}": max(c[f"logprobs_{k}"] for c in cases) for k in ("max_abs_diff", "mean_abs_diff")}}

@@ -37,10 +37,11 @@ GATES = {
     "int4": {"max_mean_kl": 1e-1},
 }
 
-# Scoring graphs (score_graph.py), by the largest gap between their log-probabilities and the
-# reference's: fp32 is the same arithmetic as generation; reduced precisions are held by their
-# generation graph's KL gate, and this bound only catches a broken rewrite.
-SCORE_GATES = {"fp32": 1e-3, "fp16": 0.5, "int8": 0.5, "int4": 1.0}
+# Scoring graphs (score_graph.py) against the reference's log-probabilities: fp32 elementwise, as
+# generation; reduced precisions are held by their generation graph's KL gate, and their twin's mean
+# gap only catches a broken rewrite (a few outlier positions of a held-back model reach 1-2 nats).
+SCORE_GATES = {"fp32": {"max_abs_diff": 1e-3}, "fp16": {"mean_abs_diff": 0.5}, "int8": {"mean_abs_diff": 0.5},
+               "int4": {"mean_abs_diff": 1.0}}
 
 
 class VariantError(ValueError):
