@@ -122,3 +122,16 @@ def test_perplexity_through_the_cli_in_one_pass(trained_bundle, tmp_path):
     r = json.loads(report.read_text())["graphs"]
     assert r["cpu-fp32"]["scoring"] == r["cpu-int4"]["scoring"] == "one pass"
     assert 1 < r["cpu-fp32"]["perplexity"] < 30000 and r["cpu-int4"]["perplexity"] != r["cpu-fp32"]["perplexity"]
+
+
+def test_a_manifest_naming_another_graph_as_the_twin_is_refused(trained_bundle, tmp_path):
+    from cpm_deploy.runtime import BundleError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained_bundle, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    graph = manifest["graphs"]["cpu-fp32"]
+    graph["score"] = {"file": graph["file"], "data": graph["data"]}  # the generation graph itself
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="is not a scoring graph"):
+        open_scorer(bad, "cpu-fp32")

@@ -11,8 +11,8 @@ for each continuation token. Three ways to get them, best first:
 
 Rows are sorted by length and sent in groups of at most ``max_rows`` rows and ``TOKENS_PER_PASS``
 padded positions (a longer row goes alone): the head's [positions, vocabulary] logits are the largest
-tensor of a pass, and passes whose activations stay in the cores' caches run fastest (see
-benchmarks/README.md).
+tensor of a pass, and passes whose activations stay in the cores' caches run fastest
+(docs/design.md).
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ class OnePassScorer(Scorer):
 
         self.ort = ort
         self.session = create_session(path, provider, threads)
+        names = {v.name for v in (*self.session.get_inputs(), *self.session.get_outputs())}
+        if not {"target_ids", "token_logprobs", "input_ids", "seqlens_k"} <= names:
+            raise BundleError(f"{Path(path).name} is not a scoring graph (no target_ids -> token_logprobs)")
         cfg = self.config
         self.kv_shape = [cfg["n_head"], cfg["n_embd"] // cfg["n_head"]]
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
