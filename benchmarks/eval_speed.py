@@ -35,11 +35,15 @@ def main() -> None:
     ap.add_argument("--step-limit", type=int, default=8, help="examples for the step-by-step reference (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokens-per-pass", type=int, help="padded positions per scoring pass (default: the runtime's)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "eval_speed.json")
     args = ap.parse_args()
 
     from cpm_deploy.runtime import CPMGenerator
-    from cpm_deploy.runtime.eval import classify, encode_examples, load_task, open_scorer
+    from cpm_deploy.runtime.eval import classify, encode_examples, load_task, open_scorer, scoring
+
+    if args.tokens_per_pass:
+        scoring.TOKENS_PER_PASS = args.tokens_per_pass
 
     bundle = args.bundle or _random_bundle(args.workdir, args.preset)
     task = load_task("tnews", _tnews_folder(args.data, args.workdir), args.limit)
@@ -67,7 +71,8 @@ def main() -> None:
             del steps
         rows[graph] = row
         print(graph, {k: round(v, 3) for k, v in row.items()}, flush=True)
-    print(f"\n{args.preset}, TNEWS x {args.limit} (4 candidates each), {args.threads} threads, random weights")
+    print(f"\n{bundle.name}, TNEWS x {args.limit} (4 candidates each), {args.threads} threads, "
+          f"{scoring.TOKENS_PER_PASS} positions a pass, random weights")
     print(f"{'graph':<10}{'score tok/s':>13}{'prompt tok/s':>14}{'ratio':>8}{'own graph':>11}{'ratio':>8}"
           f"{'examples/s':>12}{'steps ex/s':>12}")
     nan = float("nan")
@@ -76,8 +81,8 @@ def main() -> None:
               f"{r.get('own_graph_prompt_tokens_per_s', nan):>11.0f}{r.get('own_graph_ratio', nan):>8.2f}"
               f"{r['examples_per_s']:>12.1f}{r.get('steps_examples_per_s', nan):>12.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"preset": args.preset, "examples": args.limit, "threads": args.threads,
-                                    "graphs": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"bundle": str(bundle), "examples": args.limit, "threads": args.threads,
+                                    "tokens_per_pass": scoring.TOKENS_PER_PASS, "graphs": rows}, indent=2) + "\n")
 
 
 def _prompt_speed(decoder, repeats: int) -> float:

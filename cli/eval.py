@@ -137,7 +137,7 @@ def _print(task: str, results: dict, spec) -> None:
             table.add_row(g, f"{r['perplexity']:.3f}", str(r["tokens"]), f"{r['lines_per_s']:.1f}", r["scoring"])
         console.print(table)
         return
-    for col in ("graph", "accuracy", "examples", "agreement", "examples/s", "tokens/s", "scoring"):
+    for col in ("graph", "accuracy", "examples", "agreement", "ex/s", "tokens/s", "scoring"):
         table.add_column(col)
     for g, r in results.items():
         agree = f"{r['agreement_with_first']:.1%}" if "agreement_with_first" in r else "-"
