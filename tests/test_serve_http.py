@@ -182,7 +182,8 @@ def test_a_full_queue_answers_429_at_once(busy_server):
 
 def test_a_request_past_its_timeout_gets_504(tiny_bundle):
     long = LONG_GREEDY
-    with serve_process(tiny_bundle, "-g", "cpu-fp32", "-t", "1", "--timeout", "0.3") as (_, base):
+    # 1000 greedy tokens of the tiny model take about 0.3 s on an idle machine: the timeout is well under it
+    with serve_process(tiny_bundle, "-g", "cpu-fp32", "-t", "1", "--timeout", "0.1") as (_, base):
         t0 = time.perf_counter()
         r = httpx.post(f"{base}/v1/completions", json=long, timeout=30)
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout" and time.perf_counter() - t0 < 1
