@@ -14,12 +14,11 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, RequestError
-from .openai_protocol import (CompletionIds, CompletionRequest, FieldError, choice, error_body, models_list, usage,
-                              validation_error_body)
+from . import completions
+from .engine import Engine
+from .openai_protocol import CompletionIds, choice, error_body, models_list
 from .sequence import EngineError, QueueFull
 
 RETRY_AFTER_S = 1
@@ -84,7 +83,7 @@ def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | C
         return models_list(name_of())
 
     @router.post("/v1/completions")
-    async def completions(http: Request):
+    async def create_completion(http: Request):
         engine = get_engine()
         if engine is None:
             return _error(503, "the model is still loading; retry shortly", "server_error",
@@ -92,33 +91,20 @@ def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | C
         raw = await _read_body(http)
         if raw is None:
             return _error(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
-        try:
-            body = CompletionRequest.model_validate_json(raw)
-        except ValidationError as e:
-            return JSONResponse(validation_error_body(e), status_code=400)
-        if (field := body.unsupported()) is not None:
-            return _error(400, f"{field} is not supported by this server", param=field)
-        if len(body.prompts()) * (body.n or 1) > engine.max_batch + engine.max_queue:
-            return _error(400, f"{len(body.prompts())} prompts x n={body.n} is more than this server holds at once "
-                               f"({engine.max_batch} running + {engine.max_queue} waiting)", param="prompt")
         model_name = name_of()
-        if body.model not in (None, model_name):
-            return _error(404, f"model {body.model!r} is not served here; it serves {model_name!r}", param="model")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-        def make_requests():
-            sampling = body.sampling()
-            return [engine.make_request(p, body.max_tokens or 16, body.n or 1, timeout_of(),
-                                        sink=lambda ev, k=k: loop.call_soon_threadsafe(events.put_nowait, (k, ev)),
-                                        **sampling) for k, p in enumerate(body.prompts())]
+        def sink_for(k):
+            return lambda ev: loop.call_soon_threadsafe(events.put_nowait, (k, ev))
 
-        try:  # short prompts inline (a thread hop costs more than jieba on them), long ones off the loop
+        try:
+            body = completions.parse(raw, engine, model_name)
+            # short prompts inline (a thread hop costs more than jieba on them), long ones off the loop
+            make = lambda: completions.make_requests(engine, body, timeout_of(), sink_for)  # noqa: E731
             short = sum(len(p) for p in body.prompts()) <= INLINE_PROMPT_CHARS
-            requests = make_requests() if short else await run_in_threadpool(make_requests)
-        except FieldError as e:
-            return _error(400, str(e), param=e.param)
-        except (RequestError, ValueError) as e:
-            return _error(400, str(e))
+            requests = make() if short else await run_in_threadpool(make)
+        except completions.BodyError as e:
+            return JSONResponse(e.body, status_code=e.status)
         try:
             for r in requests:
                 engine.submit(r)
@@ -156,19 +142,7 @@ class _Call:
             r.cancel()
 
     def usage(self) -> dict:
-        return usage(sum(len(r.prompt) for r in self.requests),
-                     sum(len(s.generated) for r in self.requests for s in r.sequences))
-
-
-def _failure(ev) -> tuple[int, str, str] | None:
-    """(status, message, type) when an event ends the call as an error."""
-    if ev.kind == "error":
-        return 500, ev.text, "server_error"
-    if ev.kind == "finish" and ev.reason == "timeout":
-        return 504, "the request timed out before it finished (--timeout)", "timeout"
-    if ev.kind == "finish" and ev.reason == "cancelled":
-        return 503, "the request was cancelled: the server is shutting down", "server_error"
-    return None
+        return completions.call_usage(self.requests)
 
 
 async def _collect(call: _Call, ids: CompletionIds, http: Request) -> JSONResponse:
@@ -183,16 +157,15 @@ async def _collect(call: _Call, ids: CompletionIds, http: Request) -> JSONRespon
                     call.cancel()
                     return JSONResponse({}, status_code=499)
                 continue
-            if failed := _failure(ev):
-                return _error(failed[0], failed[1], failed[2])
+            if failed := completions.failure(ev):
+                return JSONResponse(failed.body, status_code=failed.status)
             if ev.kind == "token":
                 texts[index] += ev.text
             else:
                 reasons[index] = ev.reason
     finally:
         call.cancel()  # no-op for finished requests; frees slots of the rest
-    choices = [choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))]
-    return JSONResponse(ids.chunk(choices, call.usage()))
+    return JSONResponse(completions.completion(ids, texts, reasons, call.requests))
 
 
 async def _stream(call: _Call, ids: CompletionIds, include_usage: bool):
@@ -202,8 +175,8 @@ async def _stream(call: _Call, ids: CompletionIds, include_usage: bool):
     try:
         while call.open:
             index, ev = await call.next()
-            if failed := _failure(ev):
-                yield sse(error_body(failed[1], failed[2]))
+            if failed := completions.failure(ev):
+                yield sse(failed.body)
                 return
             text, reason = (ev.text, None) if ev.kind == "token" else ("", ev.reason)
             yield sse(ids.chunk([choice(index, text, reason)]))
