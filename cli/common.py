@@ -7,7 +7,9 @@ import logging
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
 
 stderr = Console(stderr=True)
 
@@ -33,13 +35,18 @@ def user_errors(*types: type[BaseException]):
         raise click.ClickException(str(e)) from None
 
 
+class _Rate(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f}/s" if task.speed else "")
+
+
 @contextlib.contextmanager
 def stage_progress(labels: dict[str, str], enabled: bool = True):
     """Yield ``step(stage, done, total)`` that drives one progress bar per stage on stderr."""
     if not enabled:
         yield lambda *a: None
         return
-    columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), _Rate(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=stderr, transient=False) as bar:
         tasks: dict[str, int] = {}

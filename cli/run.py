@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -26,8 +25,18 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 @click.option("--seed", type=int, help="Seed for reproducible sampling.")
 @click.option("-N", "--num-return-sequences", type=int, default=1, show_default=True, help="Continuations per prompt (with --sample).")
 @click.option("--stop", multiple=True, help="Stop when this string appears (repeatable); <eod> always stops.")
-@click.option("-f", "--prompts-file", type=click.File("r", encoding="utf-8"),
-              help="One prompt per line ('-' for stdin); prints JSON lines.")
+@click.option("-f", "--prompts-file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="A file of prompts ('-' for stdin), run through the batching engine; writes JSON lines in "
+                   "input order. Lines: plain prompts, JSON objects with a \"prompt\" and per-line options "
+                   "(max_new_tokens, temperature, seed, ...), or OpenAI batch lines (custom_id, body).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="With -f: append records to this file, each flushed when done; run the same command again "
+                   "after a crash or kill and it finishes what is missing.")
+@click.option("--format", "file_format", type=click.Choice(["auto", "text", "jsonl", "openai-batch"]), default="auto",
+              show_default=True, help="With -f: the lines' format (auto: from the first line).")
+@click.option("-b", "--max-batch", type=click.IntRange(1, 256), default=16, show_default=True,
+              help="With -f: sequences generated together.")
+@click.option("-q", "--quiet", is_flag=True, help="With -f: no progress bar.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="onnxruntime execution provider.")
 @click.option("-g", "--graph", help="Graph variant of the bundle (e.g. cpu-int4); default: the bundle's default.")
@@ -38,17 +47,21 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle files (sizes are still checked).")
 @click.option("--benchmark", is_flag=True, help="Print prompt tokens/s, decode tokens/s, time to first token, peak memory.")
 def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top_k, top_p, repetition_penalty,
-         seed, num_return_sequences, stop, prompts_file, provider, graph, backend, threads, truncate_prompt, no_verify, benchmark):
+         seed, num_return_sequences, stop, prompts_file, output, file_format, max_batch, quiet, provider, graph, backend,
+         threads, truncate_prompt, no_verify, benchmark):
     """Generate a continuation of PROMPT with the model in BUNDLE, streamed to stdout.
 
-    Without PROMPT, prompts are read one per line from --prompts-file or from stdin, and each
-    result is printed as a JSON line: {"prompt": ..., "generated_text": [...]}.
+    Without PROMPT, prompts are read from --prompts-file or stdin and run together through the
+    continuous-batching engine; each result is a JSON line, in input order:
+    {"prompt": ..., "generated_text": [...]}, or for OpenAI batch lines {"custom_id", "response", ...}
+    with the body cpm-serve would answer. A line that cannot be served gets a record saying why.
 
     \b
     Examples:
       cpm-run ./cpm-bundle "清华大学"
       cpm-run ./cpm-bundle "天下是否太平" -n 100 --sample -p 0.9 --seed 1
       cpm-run ./cpm-bundle -f prompts.txt > out.jsonl
+      cpm-run ./cpm-bundle -f batch_input.jsonl -o batch_output.jsonl -g cpu-int8
       cpm-run ./cpm-bundle "清华大学" --benchmark -n 128 --graph cpu-int4
     """
     setup_logging()
@@ -69,10 +82,18 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
         if prompt is None and prompts_file is None:
             if sys.stdin is None or sys.stdin.isatty():
                 raise click.UsageError("give a PROMPT, or prompts with --prompts-file / on stdin")
-            prompts_file = sys.stdin
+            prompts_file = "-"
+        if output is not None and prompts_file is None:
+            raise click.UsageError("--output goes with --prompts-file")
+        lengths = dict(max_length=max_length, max_new_tokens=max_new_tokens, truncate_prompt=truncate_prompt)
+        if prompt is None and not benchmark:
+            from .run_file import open_job
+
+            defaults = {k: v for k, v in (lengths | sampling | {"num_return_sequences": num_return_sequences}).items()
+                        if v is not None}
+            job = open_job(prompts_file, output, file_format, defaults)
         gen = CPMGenerator.from_bundle(bundle, provider=provider, threads=threads, verify=not no_verify, variant=graph,
                                          backend=backend)
-        lengths = dict(max_length=max_length, max_new_tokens=max_new_tokens, truncate_prompt=truncate_prompt)
         if benchmark:
             _benchmark(gen, prompt or "清华大学", lengths, SamplingConfig(**sampling))
         elif prompt is not None and num_return_sequences == 1:
@@ -83,13 +104,9 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
             for item in gen(prompt, num_return_sequences=num_return_sequences, **lengths, **sampling):
                 click.echo(item["generated_text"])
         else:
-            for line in prompts_file:
-                text = line.rstrip("\n")
-                if not text.strip():
-                    continue
-                out = gen(text, num_return_sequences=num_return_sequences, **lengths, **sampling)
-                click.echo(json.dumps({"prompt": text, "generated_text": [o["generated_text"] for o in out]},
-                                      ensure_ascii=False))
+            from .run_file import run_file
+
+            run_file(gen, job, max_batch, quiet, Path(bundle).name)
 
 
 def _benchmark(gen, prompt, lengths, cfg):

@@ -1,0 +1,235 @@
+"""Offline jobs: a file of prompts through the continuous-batching engine, records in input order.
+
+Lines are turned into engine requests as slots and queue room allow (``window`` requests in flight,
+finished records held until every earlier line is written), so memory stays bounded whatever the
+file's length. Each record is written and flushed as soon as the lines before it are done: a
+killed job leaves a prefix of the output, and ``Output.resume`` continues it (a partial last line is
+cut and redone). Graphs the engine cannot batch (concatenated KV, TensorRT) run line by line through
+``CPMGenerator``, with the same records.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from ..runtime import CPMGenerator, GenerationError
+from . import completions
+from .engine import Engine, RequestError
+from .offline_formats import Line, batch_record, generation_record, line_key, record_key
+from .openai_protocol import CompletionIds
+from .sequence import QueueFull
+
+GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty", "seed", "stop")
+
+
+class JobError(RuntimeError):
+    """The job's files cannot be used as asked (unwritable output, an output of another input)."""
+
+
+class OutputClosed(JobError):
+    """The reader of the output went away (``cpm-run -f x | head``): stop quietly."""
+
+
+class Output:
+    """JSON-lines records appended one by one, flushed each time; ``path=None`` writes to ``stream``."""
+
+    def __init__(self, path: Path | None, stream: IO[str] | None = None):
+        self.path, self.written = path, 0
+        if path is None:
+            self.file = stream
+            return
+        try:
+            self.file = open(path, "a+", encoding="utf-8")  # fails now, before the model loads
+        except OSError as e:
+            raise JobError(f"cannot write {path}: {e.strerror}") from None
+
+    def resume(self) -> list[dict]:
+        """The complete records already in the file; a partial last line (a killed write) is cut."""
+        if self.path is None or not self.path.is_file():  # stdout, a pipe, /dev/full: nothing to resume
+            return []
+        self.file.flush()
+        data = self.path.read_bytes()
+        complete = data[:data.rfind(b"\n") + 1]
+        if len(complete) != len(data):
+            self.file.truncate(len(complete))
+            self.file.seek(0, 2)
+        records = []
+        for n, raw in enumerate(complete.decode("utf-8", errors="replace").splitlines(), 1):
+            try:
+                records.append(json.loads(raw))
+            except json.JSONDecodeError:
+                raise JobError(f"{self.path} line {n} is not a record this job wrote; choose another output") from None
+        self.written = len(records)
+        return records
+
+    def write(self, record: dict) -> None:
+        try:
+            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.file.flush()
+        except BrokenPipeError:
+            raise OutputClosed("the output's reader closed it") from None
+        except OSError as e:
+            where = self.path or "the output"
+            raise JobError(f"cannot write {where}: {e.strerror}; {self.written} records are in it: run the same "
+                           "command again to finish the rest") from None
+        self.written += 1
+
+    def close(self) -> None:
+        if self.path is not None:
+            self.file.close()
+
+
+def skip_done(lines: Iterable[Line], done: list[dict], fmt: str) -> Iterator[Line]:
+    """The lines after those whose records ``done`` holds, checking that ``done`` is this input's."""
+    it = iter(lines)
+    for i, record in enumerate(done):
+        line = next(it, None)
+        if line is None or line_key(line) != record_key(record, fmt):
+            raise JobError(f"the output's record {i + 1} does not belong to input line "
+                           f"{line.number if line else 'past the end'}: it is another job's output")
+    yield from it
+
+
+@dataclass(eq=False)
+class _Job:
+    line: Line
+    requests: list = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    reasons: list = field(default_factory=list)
+    open: int = 0
+    record: dict | None = None  # set once the job is finished
+
+
+class EngineJob:
+    """Lines through a running Engine; ``run`` yields records in input order."""
+
+    def __init__(self, engine: Engine, model_name: str, window: int | None = None):
+        self.engine, self.model_name = engine, model_name
+        self.window = window or engine.max_batch + engine.max_queue // 2  # requests in flight
+        self.events: queue.Queue = queue.Queue()
+
+    def run(self, lines: Iterable[Line]) -> Iterator[dict]:
+        pending: list[_Job] = []  # in input order: in flight, or finished and not yet yielded
+        in_flight, source = 0, iter(lines)
+        line = next(source, None)
+        while line is not None or pending:
+            while line is not None and in_flight < self.window and len(pending) < 4 * self.window:
+                job = self._start(line)
+                if job.record is None and not self._submit(job):
+                    break  # the queue is full: wait for events, retry this line
+                pending.append(job)
+                in_flight += len(job.requests)
+                line = next(source, None)
+            while pending and pending[0].record is not None:
+                yield pending.pop(0).record
+            if pending and any(j.record is None for j in pending):
+                in_flight -= self._wait()
+
+    def _start(self, line: Line) -> _Job:
+        job = _Job(line)
+        if line.error is not None:
+            job.record = self._failed(line, 400, line.error)
+            return job
+        try:
+            job.requests = self._requests(job)
+        except completions.BodyError as e:
+            job.record = batch_record(line, e.status, e.body)
+        except (GenerationError, RequestError, TypeError, ValueError) as e:
+            job.record = self._failed(line, 400, str(e))
+        n = len(job.requests) * (job.requests[0].n if job.requests else 0)
+        job.texts, job.reasons, job.open = [""] * n, [None] * n, n
+        return job
+
+    def _requests(self, job: _Job) -> list:
+        line, events = job.line, self.events
+        if line.fmt == "openai-batch":
+            body = completions.parse(line.body, self.engine, self.model_name)
+            return completions.make_requests(self.engine, body, None,
+                                             lambda k: lambda ev: events.put((job, k, ev)))
+        o, gen = line.options, self.engine.generator
+        n = o.get("num_return_sequences", 1)
+        if not isinstance(n, int) or n < 1 or (n > 1 and not o.get("do_sample")):
+            raise GenerationError("num_return_sequences must be 1, or more with do_sample")
+        req = gen.prepare([line.prompt], o.get("max_length"), o.get("max_new_tokens"), bool(o.get("truncate_prompt")))
+        sampling = {k: (tuple(v) if k == "stop" and isinstance(v, list) else v) for k, v in o.items()
+                    if k in GENERATION_KEYS}
+        return [self.engine.make_request(req.prompts[0], req.max_new_tokens, n,
+                                         sink=lambda ev: events.put((job, 0, ev)), **sampling)]
+
+    def _submit(self, job: _Job) -> bool:
+        for i, r in enumerate(job.requests):
+            try:
+                self.engine.submit(r)
+            except QueueFull:
+                for submitted in job.requests[:i]:
+                    submitted.cancel()
+                return False
+        return True
+
+    def _wait(self) -> int:
+        """Apply events until one job finishes; returns the requests that left the engine."""
+        while True:
+            job, k, ev = self.events.get()
+            if job.record is not None:
+                continue  # a failed job's other choices
+            n = job.requests[0].n
+            if (failed := completions.failure(ev)) is not None:
+                for r in job.requests:
+                    r.cancel()
+                job.record = self._failed(job.line, failed.status, failed.body["error"]["message"], failed.body)
+                return len(job.requests)
+            index = k * n + ev.index
+            if ev.kind == "token":
+                job.texts[index] += ev.text
+            elif ev.kind == "finish":
+                job.reasons[index], job.open = ev.reason, job.open - 1
+                if job.open == 0:
+                    job.record = self._finished(job)
+                    return len(job.requests)
+
+    def _finished(self, job: _Job) -> dict:
+        if job.line.fmt == "openai-batch":
+            body = completions.completion(CompletionIds(self.model_name), job.texts, job.reasons, job.requests)
+            return batch_record(job.line, 200, body)
+        return generation_record(job.line, job.texts)
+
+    @staticmethod
+    def _failed(line: Line, status: int, message: str, body: dict | None = None) -> dict:
+        if line.fmt != "openai-batch":
+            return generation_record(line, None, message)
+        if line.key is None or line.body is None and body is None:  # the line itself is malformed
+            return batch_record(line, None, None, message)
+        return batch_record(line, status, body or completions.BodyError.of(status, message).body)
+
+
+def sequential(gen: CPMGenerator, lines: Iterable[Line]) -> Iterator[dict]:
+    """Line by line through CPMGenerator (graphs the engine cannot batch): the same records."""
+    for line in lines:
+        if line.fmt == "openai-batch":
+            raise JobError("OpenAI batch files need a graph the serving engine runs (cpu-fp32, cpu-int8, cpu-int4)")
+        if line.error is not None:
+            yield generation_record(line, None, line.error)
+            continue
+        o = dict(line.options)
+        try:
+            out = gen(line.prompt, **o)
+            yield generation_record(line, [x["generated_text"][len(line.prompt):] for x in out])
+        except (GenerationError, TypeError, ValueError) as e:
+            yield generation_record(line, None, str(e))
+
+
+def run_job(records: Iterator[dict], output: Output, on_progress: Callable[[int], None] | None = None) -> int:
+    """Write each record as it comes; returns how many were written in this run."""
+    count = 0
+    for record in records:
+        output.write(record)
+        count += 1
+        if on_progress:
+            on_progress(output.written)
+    return count
