@@ -82,7 +82,10 @@ class Output:
 
     def close(self) -> None:
         if self.path is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # the write that failed said so already; close retries it
+                pass
 
 
 def skip_done(lines: Iterable[Line], done: list[dict], fmt: str) -> Iterator[Line]:

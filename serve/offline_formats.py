@@ -18,9 +18,12 @@ import uuid
 from dataclasses import dataclass, field
 
 FORMATS = ("text", "jsonl", "openai-batch")
-# per-line keys of the jsonl format: cpm-run's options, as the runtime names them
-OVERRIDES = ("max_new_tokens", "max_length", "num_return_sequences", "truncate_prompt", "do_sample", "temperature",
-             "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "stop")
+# per-line keys of the jsonl format: cpm-run's options, as the runtime names them, and their JSON types
+_INT, _NUMBER, _BOOL = ("a whole number", (int,)), ("a number", (int, float)), ("true or false", (bool,))
+OVERRIDES = {"max_new_tokens": _INT, "max_length": _INT, "num_return_sequences": _INT, "truncate_prompt": _BOOL,
+             "do_sample": _BOOL, "temperature": _NUMBER, "top_k": _INT, "top_p": _NUMBER,
+             "repetition_penalty": _NUMBER, "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER, "seed": _INT,
+             "stop": ("a string or a list of strings", (str, list))}
 
 
 class LineError(ValueError):
@@ -71,6 +74,12 @@ def _jsonl(number: int, obj: dict, defaults: dict) -> Line:
     if unknown:
         return Line(number, "jsonl", prompt=prompt,
                     error=f"line {number}: unknown key(s) {', '.join(unknown)}; per-line keys are {', '.join(OVERRIDES)}")
+    for key, (what, types) in OVERRIDES.items():
+        value = obj.get(key)
+        bad = (value is not None and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types))
+               or key == "stop" and isinstance(value, list) and not all(isinstance(x, str) for x in value))
+        if bad:
+            return Line(number, "jsonl", prompt=prompt, error=f"line {number}: {key} must be {what}, not {value!r:.40}")
     options = dict(defaults)
     if {"max_length", "max_new_tokens"} & set(obj):  # a line's own length replaces the job's, either form
         options.pop("max_length", None)
