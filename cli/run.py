@@ -36,7 +36,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
               show_default=True, help="With -f: the lines' format (auto: from the first line).")
 @click.option("-b", "--max-batch", type=click.IntRange(1, 256), default=16, show_default=True,
               help="With -f: sequences generated together.")
-@click.option("-q", "--quiet", is_flag=True, help="With -f: no progress bar.")
+@click.option("-q", "--quiet", is_flag=True, help="With -f: no progress bar (shown when stderr is a terminal).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="onnxruntime execution provider.")
 @click.option("-g", "--graph", help="Graph variant of the bundle (e.g. cpu-int4); default: the bundle's default.")

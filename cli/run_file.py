@@ -47,7 +47,7 @@ def run_file(gen, job: FileJob, max_batch: int, quiet: bool, model_name: str) ->
     from ..serve.offline import EngineJob, JobError, OutputClosed, run_job, sequential
 
     try:
-        with stage_progress({}, enabled=not quiet) as step:
+        with stage_progress({}, enabled=not quiet and job.total is not None and sys.stderr.isatty()) as step:
             progress = (lambda n: step("prompts", n, job.total)) if job.total else None
             if isinstance(gen.decoder, SharedKVDecoder):
                 with Engine(gen, max_batch=max_batch, max_queue=2 * max_batch) as engine:
