@@ -37,6 +37,12 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 @click.option("-b", "--max-batch", type=click.IntRange(1, 256), default=16, show_default=True,
               help="With -f: sequences generated together.")
 @click.option("-q", "--quiet", is_flag=True, help="With -f: no progress bar (shown when stderr is a terminal).")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="With -f: run on a Ray cluster ('auto': the cluster this machine is part of; 'local': start one "
+                   "here; or HOST:PORT), one engine per worker; needs the [ray] extra.")
+@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="With --ray: worker actors.")
+@click.option("--worker-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="With --ray: CPUs each worker reserves (and its onnxruntime threads).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="onnxruntime execution provider.")
 @click.option("-g", "--graph", help="Graph variant of the bundle (e.g. cpu-int4); default: the bundle's default.")
@@ -47,8 +53,8 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the bundle files (sizes are still checked).")
 @click.option("--benchmark", is_flag=True, help="Print prompt tokens/s, decode tokens/s, time to first token, peak memory.")
 def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top_k, top_p, repetition_penalty,
-         seed, num_return_sequences, stop, prompts_file, output, file_format, max_batch, quiet, provider, graph, backend,
-         threads, truncate_prompt, no_verify, benchmark):
+         seed, num_return_sequences, stop, prompts_file, output, file_format, max_batch, quiet, ray_address, workers,
+         worker_cpus, provider, graph, backend, threads, truncate_prompt, no_verify, benchmark):
     """Generate a continuation of PROMPT with the model in BUNDLE, streamed to stdout.
 
     Without PROMPT, prompts are read from --prompts-file or stdin and run together through the
@@ -92,6 +98,13 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
             defaults = {k: v for k, v in (lengths | sampling | {"num_return_sequences": num_return_sequences}).items()
                         if v is not None}
             job = open_job(prompts_file, output, file_format, defaults)
+            if ray_address:
+                from .run_file import run_file_on_ray
+
+                return run_file_on_ray(bundle, job, ray_address, workers, worker_cpus, graph, threads, max_batch,
+                                       not no_verify, quiet)
+        elif ray_address:
+            raise click.UsageError("--ray goes with --prompts-file")
         gen = CPMGenerator.from_bundle(bundle, provider=provider, threads=threads, verify=not no_verify, variant=graph,
                                          backend=backend)
         if benchmark:

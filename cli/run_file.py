@@ -43,14 +43,13 @@ def open_job(source: str, output: Path | None, fmt: str, defaults: dict) -> File
 
 def run_file(gen, job: FileJob, max_batch: int, quiet: bool, model_name: str) -> None:
     from ..runtime.decoder import SharedKVDecoder
-    from ..serve.engine import Engine
-    from ..serve.offline import EngineJob, JobError, OutputClosed, run_job, sequential
+    from ..serve.offline import EngineJob, JobError, OutputClosed, offline_engine, run_job, sequential
 
     try:
         with stage_progress({}, enabled=not quiet and job.total is not None and sys.stderr.isatty()) as step:
             progress = (lambda n: step("prompts", n, job.total)) if job.total else None
             if isinstance(gen.decoder, SharedKVDecoder):
-                with Engine(gen, max_batch=max_batch, max_queue=2 * max_batch) as engine:
+                with offline_engine(gen, max_batch) as engine:
                     run_job(EngineJob(engine, model_name).run(job.lines), job.output, progress)
             else:
                 run_job(sequential(gen, job.lines), job.output, progress)
@@ -84,3 +83,48 @@ def _chain(first, rest):
     if first is not None:
         yield first
         yield from rest
+
+
+def run_file_on_ray(bundle: Path, job: FileJob, address: str, workers: int, worker_cpus: float, graph: str | None,
+                    threads: int | None, max_batch: int, verify: bool, quiet: bool, chunk: int = 16) -> None:
+    """The same job over Ray worker actors (one engine each); records in input order, as locally."""
+    from ..serve.offline import JobError, OutputClosed, run_job
+
+    ray, ray_job = connect(address)
+    actor = ray_job.GenerationWorker.options(num_cpus=worker_cpus)
+    pool = [actor.remote(str(bundle.absolute()), graph, threads or max(1, int(worker_cpus)), max_batch, verify,
+                         bundle.name) for _ in range(workers)]
+    try:
+        chunks = ray_job.chunked(job.lines, chunk)
+        results = ray_job.ordered(pool, chunks, lambda w, c: w.run.remote(c))
+        records = (r for chunk_records in results for r in chunk_records)
+        with stage_progress({}, enabled=not quiet and job.total is not None and sys.stderr.isatty()) as step:
+            run_job(records, job.output, (lambda n: step("prompts", n, job.total)) if job.total else None)
+    except OutputClosed:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except JobError as e:
+        raise click.ClickException(str(e)) from None
+    except ray.exceptions.RayError as e:
+        raise click.ClickException(f"a Ray worker failed {ray_job.RETRIES + 1} times, or the cluster went away: "
+                                   f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+    finally:
+        job.output.close()
+        for a in pool:
+            ray.kill(a)
+
+
+def connect(address: str):
+    """Ray and the job module, connected to the cluster at ``address`` ("auto": the one this machine
+    belongs to; "local": start one here)."""
+    try:
+        import ray
+    except ImportError:
+        raise click.ClickException("--ray needs the [ray] extra (pip install 'cpm-deploy[ray]')") from None
+    if not ray.is_initialized():
+        try:
+            ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise click.ClickException(f"cannot reach a Ray cluster at {address!r}: {e}") from None
+    from ..serve import ray_job
+
+    return ray, ray_job

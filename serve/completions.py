@@ -44,12 +44,14 @@ def parse(raw: bytes | str | dict, engine: Engine, model_name: str) -> Completio
 
 def make_requests(engine: Engine, body: CompletionRequest, timeout_s: float | None,
                   sink_for: Callable[[int], Callable[[Event], None]]) -> list[Request]:
-    """One engine request per prompt (``sink_for(k)`` receives prompt k's events); BodyError if the
-    engine refuses one (tokenizing happens here: call it off the event loop for long prompts)."""
+    """One engine request per prompt (``sink_for(k)`` receives prompt k's events: each piece of text
+    when the body streams, else each choice's whole text at its end); BodyError if the engine
+    refuses one (tokenizing happens here: call it off the event loop for long prompts)."""
     try:
         sampling = body.sampling()
         return [engine.make_request(p, body.max_tokens or DEFAULT_MAX_TOKENS, body.n or 1, timeout_s,
-                                    sink=sink_for(k), **sampling) for k, p in enumerate(body.prompts())]
+                                    sink=sink_for(k), stream=bool(body.stream), **sampling)
+                for k, p in enumerate(body.prompts())]
     except FieldError as e:
         raise BodyError.of(400, str(e), param=e.param) from None
     except (RequestError, ValueError) as e:

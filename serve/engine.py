@@ -83,7 +83,7 @@ class Engine:
             raise RequestError(str(e)) from None
 
     def make_request(self, prompt: str | list[int], max_new_tokens: int, n: int = 1, timeout_s: float | None = None,
-                     sink=None, **sampling) -> Request:
+                     sink=None, stream: bool = True, **sampling) -> Request:
         """Validate and build a request (not yet submitted). Raises RequestError."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -102,7 +102,7 @@ class Engine:
             self.generator.check_sampling(cfg)
         except (TypeError, ValueError) as e:  # GenerationError is a ValueError
             raise RequestError(str(e)) from None
-        return Request(ids, max_new_tokens, cfg, n, timeout_s, sink or (lambda e: None))
+        return Request(ids, max_new_tokens, cfg, n, timeout_s, sink or (lambda e: None), stream)
 
     def submit(self, request: Request) -> Request:
         with self._cv:
@@ -296,7 +296,10 @@ class Engine:
                 self._finish(s, "stop")
                 continue
             if piece := s.text.push(tok):
-                self._send(s.request, Event("token", s.index, piece, tok))
+                if s.request.stream:
+                    self._send(s.request, Event("token", s.index, piece, tok))
+                else:
+                    s.held.append(piece)
             if s.text.stopped:
                 self._finish(s, "stop")
             elif len(s.generated) >= s.request.max_new_tokens or s.cached + 1 >= self.capacity:
@@ -304,8 +307,9 @@ class Engine:
 
     def _finish(self, s: Sequence, reason: str) -> None:
         s.state, s.finish_reason = State.FINISHED, reason
-        if reason in ("stop", "length") and (rest := s.text.finish()):
-            self._send(s.request, Event("token", s.index, rest))
+        text = "".join(s.held) + (s.text.finish() if reason in ("stop", "length") else "")
+        if text:
+            self._send(s.request, Event("token", s.index, text))
         self._send(s.request, Event("finish", s.index, reason=reason))
         if s.request.finished:
             self.metrics.requests.labels(reason).inc()

@@ -109,8 +109,14 @@ class _Job:
     record: dict | None = None  # set once the job is finished
 
 
+def offline_engine(gen: CPMGenerator, max_batch: int) -> Engine:
+    """An engine for a job (start it, or use it as a context): nobody waits for a first token, so free
+    slots are filled in as few prompt calls as they take."""
+    return Engine(gen, max_batch=max_batch, max_queue=2 * max_batch, prefill_tokens=4096)
+
+
 class EngineJob:
-    """Lines through a running Engine; ``run`` yields records in input order."""
+    """Lines through a running Engine (``offline_engine``); ``run`` yields records in input order."""
 
     def __init__(self, engine: Engine, model_name: str, window: int | None = None):
         self.engine, self.model_name = engine, model_name
@@ -162,8 +168,8 @@ class EngineJob:
         req = gen.prepare([line.prompt], o.get("max_length"), o.get("max_new_tokens"), bool(o.get("truncate_prompt")))
         sampling = {k: (tuple(v) if k == "stop" and isinstance(v, list) else v) for k, v in o.items()
                     if k in GENERATION_KEYS}
-        return [self.engine.make_request(req.prompts[0], req.max_new_tokens, n,
-                                         sink=lambda ev: events.put((job, 0, ev)), **sampling)]
+        return [self.engine.make_request(req.prompts[0], req.max_new_tokens, n, sink=lambda ev: events.put((job, 0, ev)),
+                                         stream=False, **sampling)]
 
     def _submit(self, job: _Job) -> bool:
         for i, r in enumerate(job.requests):

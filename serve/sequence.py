@@ -53,6 +53,7 @@ class Request:
     n: int = 1
     timeout_s: float | None = None
     sink: Callable[[Event], None] = print
+    stream: bool = True  # False: one token event with the whole text, just before each choice's finish
     id: int = field(default_factory=lambda: next(_ids))
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -81,6 +82,7 @@ class Sequence:
     state: State = State.WAITING
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    held: list[str] = field(default_factory=list)  # text pieces of a request that does not stream
     first_token_at: float | None = None
     last_token_at: float | None = None
 

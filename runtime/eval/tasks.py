@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 
 
+EXAMPLES_PER_CALL = 8  # classify's examples per scorer call: shards of whole multiples score bit for bit alike
+
+
 class EvalDataError(ValueError):
     """Evaluation data that is missing, malformed or does not fit the model."""
 
@@ -62,7 +65,7 @@ def encode_examples(task: Task, tokenizer, n_positions: int,
 
 
 def classify(scorer, encoded: Sequence[Encoded], on_progress: Callable[[int, int], None] | None = None,
-             examples_per_call: int = 8) -> dict:
+             examples_per_call: int = EXAMPLES_PER_CALL) -> dict:
     """Predictions (first lowest score: ties never go to a later candidate) and scores (mean
     cross-entropy of each candidate's scored tokens) of every example."""
     scores: list[list[float]] = []
