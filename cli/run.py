@@ -85,6 +85,8 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
         SamplingConfig(**sampling)  # validate before the (slow) model load
         if num_return_sequences < 1:
             raise GenerationError(f"--num-return-sequences must be >= 1, got {num_return_sequences}")
+        if num_return_sequences > 1 and not do_sample:
+            raise GenerationError("--num-return-sequences > 1 needs --sample (greedy would repeat one sequence)")
         if prompt is None and prompts_file is None:
             if sys.stdin is None or sys.stdin.isatty():
                 raise click.UsageError("give a PROMPT, or prompts with --prompts-file / on stdin")

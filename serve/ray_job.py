@@ -37,6 +37,9 @@ class GenerationWorker:
 
         return list(EngineJob(self.engine, self.model).run(lines))
 
+    def generated_tokens(self) -> int:
+        return int(self.engine.metrics.registry.get_sample_value("cpm_generated_tokens_total") or 0)
+
     def pid(self) -> int:
         import os
 
