@@ -57,3 +57,20 @@ def stage_progress(labels: dict[str, str], enabled: bool = True):
             bar.update(tasks[stage], completed=done, total=total)
 
         yield step
+
+
+def ray_options(what: str):
+    """--ray / --workers / --worker-cpus, for commands whose work spreads over a Ray cluster;
+    ``what`` says what runs there."""
+
+    def wrap(command):
+        command = click.option("--worker-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                               show_default=True, help="With --ray: CPUs each worker reserves (and its onnxruntime "
+                                                       "threads).")(command)
+        command = click.option("--workers", type=click.IntRange(1), default=2, show_default=True,
+                               help="With --ray: worker actors.")(command)
+        return click.option("--ray", "ray_address", metavar="ADDRESS",
+                            help=f"{what} on a Ray cluster ('auto': the cluster this machine is part of; 'local': "
+                                 "start one here; or HOST:PORT); needs the [ray] extra.")(command)
+
+    return wrap

@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .common import setup_logging, stage_progress, user_errors
+from .common import ray_options, setup_logging, stage_progress, user_errors
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 TASK_CHOICES = ["tnews", "iflytek", "ocnli", "chid", "perplexity"]
@@ -47,12 +47,7 @@ TASK_CHOICES = ["tnews", "iflytek", "ocnli", "chid", "perplexity"]
 @click.option("-o", "--report", type=click.Path(path_type=Path, dir_okay=False),
               help="JSON report file (default: cpm-eval-TASK.json in the current folder).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("--ray", "ray_address", metavar="ADDRESS",
-              help="Score on a Ray cluster ('auto', 'local' or HOST:PORT), the examples in shards over --workers "
-                   "actors; predictions and scores are those of a local run. Needs the [ray] extra.")
-@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="With --ray: worker actors.")
-@click.option("--worker-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="With --ray: CPUs each worker reserves (and its onnxruntime threads).")
+@ray_options("The examples in shards (scores and predictions those of a local run)")
 def main(bundle, task, data, candidates, seed, seq_length, split, graphs, backend, scoring, limit, batch, threads,
          report, quiet, ray_address, workers, worker_cpus):
     """Score BUNDLE's graphs the way CPM-Generate's model card does.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import setup_logging, user_errors
+from .common import ray_options, setup_logging, user_errors
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -37,12 +37,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 @click.option("-b", "--max-batch", type=click.IntRange(1, 256), default=16, show_default=True,
               help="With -f: sequences generated together.")
 @click.option("-q", "--quiet", is_flag=True, help="With -f: no progress bar (shown when stderr is a terminal).")
-@click.option("--ray", "ray_address", metavar="ADDRESS",
-              help="With -f: run on a Ray cluster ('auto': the cluster this machine is part of; 'local': start one "
-                   "here; or HOST:PORT), one engine per worker; needs the [ray] extra.")
-@click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="With --ray: worker actors.")
-@click.option("--worker-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="With --ray: CPUs each worker reserves (and its onnxruntime threads).")
+@ray_options("With -f: the prompts, one engine per worker,")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="onnxruntime execution provider.")
 @click.option("-g", "--graph", help="Graph variant of the bundle (e.g. cpu-int4); default: the bundle's default.")

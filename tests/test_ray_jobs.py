@@ -3,15 +3,13 @@ predictions equal a local run's, and a worker that dies mid-job neither loses no
 Both nodes share this machine's cores: these runs show correctness, not speed."""
 
 import json
-import os
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # stay on loopback (see test_serve_ray.py)
+from ray_helpers import two_node_cluster  # first: it keeps Ray on loopback
 
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 ray = pytest.importorskip("ray", reason="Ray jobs need the [ray] extra")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from cpm_deploy.cli.eval import main as eval_cli  # noqa: E402
 from cpm_deploy.cli.run import main as run_cli  # noqa: E402
@@ -21,13 +19,8 @@ from test_offline import PROMPTS  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                      "node_ip_address": "127.0.0.1"})
-    c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
-    yield c.address
-    ray.shutdown()
-    c.shutdown()
+    with two_node_cluster() as address:
+        yield address
 
 
 def test_a_prompt_file_on_two_nodes_equals_the_local_run(cluster, trained_bundle, tmp_path):

@@ -1,12 +1,9 @@
 """The engine as a Ray Serve application on a real two-node Ray cluster on this machine (loopback):
 two replicas, one per node, requests landing on both, streaming through Ray's HTTP proxy."""
 
-import os
 import re
 
-# Ray resolves "127.0.0.1" to the machine's outward address unless told to stay on loopback; it
-# reads this when imported, and its worker processes inherit it.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from ray_helpers import two_node_cluster  # first: it keeps Ray on loopback
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
@@ -14,7 +11,6 @@ import pytest  # noqa: E402
 
 ray = pytest.importorskip("ray", reason="Ray Serve needs the [ray] extra")
 from ray import serve  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 from serve_helpers import free_port  # noqa: E402
@@ -22,16 +18,11 @@ from serve_helpers import free_port  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                      "node_ip_address": "127.0.0.1"})
-    c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
-    c.shutdown()
+    with two_node_cluster():
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+        serve.shutdown()
 
 
 def readme_serve_config() -> dict:
