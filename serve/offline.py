@@ -105,7 +105,8 @@ class _Job:
     requests: list = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     reasons: list = field(default_factory=list)
-    open: int = 0
+    submitted: int = 0  # requests handed to the engine so far
+    done: int = 0  # requests all of whose choices finished
     record: dict | None = None  # set once the job is finished
 
 
@@ -125,19 +126,27 @@ class EngineJob:
 
     def run(self, lines: Iterable[Line]) -> Iterator[dict]:
         pending: list[_Job] = []  # in input order: in flight, or finished and not yet yielded
-        in_flight, source = 0, iter(lines)
-        line = next(source, None)
-        while line is not None or pending:
-            while line is not None and in_flight < self.window and len(pending) < 4 * self.window:
-                job = self._start(line)
-                if job.record is None and not self._submit(job):
-                    break  # the queue is full: wait for events, retry this line
-                pending.append(job)
-                in_flight += len(job.requests)
+        in_flight, source, exhausted = 0, iter(lines), False
+        while True:
+            while len(pending) < 4 * self.window and in_flight < self.window:
+                last = pending[-1] if pending else None
+                if last is not None and last.record is None and last.submitted < len(last.requests):
+                    before = last.submitted  # a job of many prompts goes in as the queue makes room
+                    self._feed(last)
+                    in_flight += last.submitted - before
+                    if last.submitted < len(last.requests):
+                        break
+                    continue
                 line = next(source, None)
+                if line is None:
+                    exhausted = True
+                    break
+                pending.append(self._start(line))
             while pending and pending[0].record is not None:
                 yield pending.pop(0).record
-            if pending and any(j.record is None for j in pending):
+            if exhausted and not pending:
+                return
+            if in_flight:
                 in_flight -= self._wait()
 
     def _start(self, line: Line) -> _Job:
@@ -152,7 +161,7 @@ class EngineJob:
         except (GenerationError, RequestError, TypeError, ValueError) as e:
             job.record = self._failed(line, 400, str(e))
         n = len(job.requests) * (job.requests[0].n if job.requests else 0)
-        job.texts, job.reasons, job.open = [""] * n, [None] * n, n
+        job.texts, job.reasons = [""] * n, [None] * n
         return job
 
     def _requests(self, job: _Job) -> list:
@@ -171,36 +180,37 @@ class EngineJob:
         return [self.engine.make_request(req.prompts[0], req.max_new_tokens, n, sink=lambda ev: events.put((job, 0, ev)),
                                          stream=False, **sampling)]
 
-    def _submit(self, job: _Job) -> bool:
-        for i, r in enumerate(job.requests):
+    def _feed(self, job: _Job) -> None:
+        """Submit the job's requests that are not in yet, while the engine's queue takes them."""
+        while job.submitted < len(job.requests):
             try:
-                self.engine.submit(r)
+                self.engine.submit(job.requests[job.submitted])
             except QueueFull:
-                for submitted in job.requests[:i]:
-                    submitted.cancel()
-                return False
-        return True
+                return
+            job.submitted += 1
 
     def _wait(self) -> int:
-        """Apply events until one job finishes; returns the requests that left the engine."""
-        while True:
-            job, k, ev = self.events.get()
-            if job.record is not None:
-                continue  # a failed job's other choices
-            n = job.requests[0].n
-            if (failed := completions.failure(ev)) is not None:
-                for r in job.requests:
-                    r.cancel()
-                job.record = self._failed(job.line, failed.status, failed.body["error"]["message"], failed.body)
-                return len(job.requests)
-            index = k * n + ev.index
-            if ev.kind == "token":
-                job.texts[index] += ev.text
-            elif ev.kind == "finish":
-                job.reasons[index], job.open = ev.reason, job.open - 1
-                if job.open == 0:
-                    job.record = self._finished(job)
-                    return len(job.requests)
+        """Apply the next event; returns how many requests it took out of the engine (a request is
+        out when all its choices finished; a failure takes the job's submitted requests out)."""
+        job, k, ev = self.events.get()
+        if job.record is not None:
+            return 0  # a failed job's other choices
+        n = job.requests[0].n
+        if (failed := completions.failure(ev)) is not None:
+            for r in job.requests:
+                r.cancel()
+            job.record = self._failed(job.line, failed.status, failed.body["error"]["message"], failed.body)
+            return job.submitted - job.done
+        if ev.kind == "token":
+            job.texts[k * n + ev.index] += ev.text
+            return 0
+        job.reasons[k * n + ev.index] = ev.reason
+        if all(r is not None for r in job.reasons[k * n:(k + 1) * n]):
+            job.done += 1
+            if job.done == len(job.requests):
+                job.record = self._finished(job)
+            return 1
+        return 0
 
     def _finished(self, job: _Job) -> dict:
         if job.line.fmt == "openai-batch":

@@ -148,3 +148,14 @@ def test_file_errors_are_one_line(trained_bundle, tmp_path):
     assert missing.exit_code == 1 and "cannot read" in missing.output
     lone = CliRunner().invoke(run_cli, [str(trained_bundle), "清华", "-o", str(tmp_path / "o.jsonl")])
     assert lone.exit_code == 2 and "--output goes with --prompts-file" in lone.output
+
+
+def test_a_batch_line_of_more_prompts_than_the_queue_holds_goes_in_as_it_makes_room(trained_bundle, trained_generator,
+                                                                                   tmp_path):
+    body = {"prompt": PROMPTS[:3], "max_tokens": 4, "temperature": 0}  # 3 requests; -b 1 queues 2
+    line = {"custom_id": "many", "method": "POST", "url": "/v1/completions", "body": body}
+    (tmp_path / "in.jsonl").write_text(json.dumps(line, ensure_ascii=False) + "\n", encoding="utf-8")
+    r = run([str(trained_bundle), "-f", str(tmp_path / "in.jsonl"), "-g", "cpu-fp32", "-b", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    texts = [c["text"] for c in records(r.stdout)[0]["response"]["body"]["choices"]]
+    assert texts == [trained_generator(p, max_new_tokens=4)[0]["generated_text"][len(p):] for p in PROMPTS[:3]]
