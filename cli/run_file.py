@@ -42,13 +42,12 @@ def open_job(source: str, output: Path | None, fmt: str, defaults: dict) -> File
 
 
 def run_file(gen, job: FileJob, max_batch: int, quiet: bool, model_name: str) -> None:
-    from ..runtime.decoder import SharedKVDecoder
     from ..serve.offline import EngineJob, JobError, OutputClosed, offline_engine, run_job, sequential
 
     try:
         with stage_progress({}, enabled=not quiet and job.total is not None and sys.stderr.isatty()) as step:
             progress = (lambda n: step("prompts", n, job.total)) if job.total else None
-            if isinstance(gen.decoder, SharedKVDecoder):
+            if gen.decoder.kind == "shared":  # the engine batches shared-KV graphs
                 with offline_engine(gen, max_batch) as engine:
                     run_job(EngineJob(engine, model_name).run(job.lines), job.output, progress)
             else:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import huge_pages
+from .kv_pool import KVPool
 from .padding import left_pad, right_pad
 from .session import create_session
 
@@ -235,6 +236,10 @@ class SharedKVDecoder(_OrtDecoder):
         For many steps over the same buffers, ``step_binding(past).run`` binds them once."""
         session = self.step_session(len(tokens))
         return self._run(self._step_feeds(tokens, cached), past, shared=True, session=session)[0]
+
+    def kv_pool(self, max_batch: int, capacity: int) -> KVPool:
+        """KV slots for continuous batching: ``max_batch`` sequences of ``capacity`` positions."""
+        return KVPool(len(self.past_names), max_batch, self.n_head, capacity, self.head_dim, self.dtype)
 
     def step_binding(self, past: list, logits: np.ndarray | None = None) -> StepBinding:
         return StepBinding(self, past, logits)

@@ -24,9 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import CPMGenerator, GenerationError, SamplingConfig
-from ..runtime.decoder import SharedKVDecoder
 from ..runtime.sampling import next_tokens
-from .kv_pool import KVPool
 from .metrics import EngineMetrics
 from .sequence import EngineError, Event, QueueFull, Request, Sequence, State, make_sequences
 
@@ -41,7 +39,7 @@ class Engine:
     def __init__(self, generator: CPMGenerator, max_batch: int = 16, max_queue: int = 64, max_total: int | None = None,
                  prefill_tokens: int = 128, max_decode_delay_s: float = 0.1):
         dec = generator.decoder
-        if not isinstance(dec, SharedKVDecoder):
+        if getattr(dec, "kind", None) != "shared":
             raise EngineError(f"continuous batching needs a shared-KV graph (cpu-fp32, cpu-int8, cpu-int4, cuda-*); "
                               f"{generator.graph_name or 'this graph'} concatenates its cache")
         if max_batch < 1 or max_queue < 0:
@@ -56,7 +54,7 @@ class Engine:
         # token sooner), but running sequences never wait longer than this for their next token
         self.max_decode_delay_s = max_decode_delay_s
         self.capacity = min(max_total or generator.n_positions, generator.n_positions)
-        self.pool = KVPool(len(dec.past_names), max_batch, dec.n_head, self.capacity, dec.head_dim, dec.dtype)
+        self.pool = dec.kv_pool(max_batch, self.capacity)
         self._steps: dict = {}  # n rows -> StepBinding over pool slots 0 .. n-1, bound once
         # their logits rows, shared: one array per width would hold max_batch^2 / 2 rows (250 MB at 64)
         self._logits = dec.logits_buffer(max_batch)

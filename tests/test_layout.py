@@ -37,3 +37,29 @@ def test_no_module_of_runtime_or_serve_imports_exporter_or_optimize():
                 for name in names:
                     parts = name.split(".")
                     assert "exporter" not in parts and "optimize" not in parts and parts[0] != "torch", (path, name)
+
+
+def imported_modules(path, root) -> list[str]:
+    """Absolute names of the modules a file imports (relative imports resolved)."""
+    import ast
+
+    package = ["cpm_deploy", *path.relative_to(root).parent.parts]
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            names += [".".join([*base, node.module] if node.module else base)]
+    return names
+
+
+def test_serve_allocates_no_onnxruntime_memory_and_the_runtime_knows_no_serve():
+    """serve sits on the runtime's surface (the runtime owns sessions and KV memory); the runtime
+    never reaches up into serve."""
+    from conftest import ROOT
+
+    for folder, forbidden in (("serve", "onnxruntime"), ("runtime", "cpm_deploy.serve")):
+        for path in (ROOT / folder).rglob("*.py"):
+            for name in imported_modules(path, ROOT):
+                assert name != forbidden and not name.startswith(forbidden + "."), (path, name)

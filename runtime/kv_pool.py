@@ -1,5 +1,5 @@
-"""The KV memory of a server: one buffer per layer and kind, [max_batch, heads, capacity, head_dim],
-allocated once. Running sequences occupy slots 0 .. n-1 (a dense prefix), so a step over n rows
+"""The KV memory of a server or a job: one buffer per layer and kind, [max_batch, heads, capacity,
+head_dim], allocated once (``SharedKVDecoder.kv_pool``). Running sequences occupy slots 0 .. n-1 (a dense prefix), so a step over n rows
 binds the first n rows of every buffer, which are contiguous; a finished sequence's slot is filled
 by moving the last one into it (only its used positions are copied)."""
 
