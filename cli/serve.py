@@ -34,10 +34,14 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 @click.option("--drain", "drain_s", type=click.FloatRange(min=0), default=10, show_default=True,
               help="On SIGTERM: seconds open requests get to finish before they are cancelled.")
 @click.option("--model-name", help="Model id in the API (default: the bundle folder's name).")
+@click.option("--api-key", envvar="CPM_SERVE_API_KEY", show_envvar=True,
+              help="Require 'Authorization: Bearer KEY' (the openai client's api_key) on every route but /health. "
+                   "Prefer the environment variable: an option shows in process listings.")
+@click.option("--open-metrics", is_flag=True, help="Serve /metrics without the API key (for a scraper).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the graph's files (paths are still checked).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tokens, threads, timeout_s, drain_s, model_name,
-         no_verify, verbose):
+         api_key, open_metrics, no_verify, verbose):
     """Serve the model in BUNDLE over OpenAI's completions API.
 
     Routes: POST /v1/completions (streaming with "stream": true), GET /v1/models, GET /health
@@ -67,11 +71,14 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tok
             shared = [k for k, g in b.manifest["graphs"].items() if g.get("kv_cache") == "shared"]
             raise BundleError(f"graph {name} concatenates its KV cache; continuous batching needs a shared-KV graph "
                               f"({', '.join(shared) or 'none in this bundle: export with -P fp32/int8/int4'})")
-    if not _is_loopback(host):
-        click.echo(f"warning: listening on {host}: the server has no authentication", err=True)
+    if api_key is not None and not api_key.strip():
+        raise click.UsageError("--api-key is empty")
+    if not _is_loopback(host) and api_key is None:
+        click.echo(f"warning: listening on {host} without an API key: anyone who reaches the port is served "
+                   "(set CPM_SERVE_API_KEY)", err=True)
     config = ServerConfig(bundle, graph=graph, threads=threads, max_batch=max_batch, max_queue=max_queue,
                           max_total=max_total, prefill_tokens=prefill_tokens, timeout_s=timeout_s, drain_s=drain_s,
-                          model_name=model_name, verify=not no_verify)
+                          model_name=model_name, verify=not no_verify, api_key=api_key, open_metrics=open_metrics)
     run(config, host, port, verbose)
 
 

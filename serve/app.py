@@ -11,7 +11,7 @@ import contextlib
 import logging
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -35,6 +35,8 @@ class ServerConfig:
     drain_s: float = 10.0
     model_name: str | None = None
     verify: bool = True
+    api_key: str | None = field(default=None, repr=False)  # never in a log line
+    open_metrics: bool = False  # /metrics without the API key (a scraper inside the network)
 
     @property
     def name(self) -> str:
@@ -68,7 +70,9 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             state["engine"].shutdown(config.drain_s)
 
     app = openai_error_pages(FastAPI(title="cpm-serve", lifespan=lifespan, docs_url=None, redoc_url=None))
-    app.include_router(build_router(lambda: state["engine"], config.name, config.timeout_s, lambda: state["error"]))
+    app.include_router(build_router(lambda: state["engine"], config.name, config.timeout_s, lambda: state["error"],
+                                    api_key=lambda: config.api_key,
+                                    metrics_key=lambda: None if config.open_metrics else config.api_key))
     return app
 
 

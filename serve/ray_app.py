@@ -39,9 +39,18 @@ def _timeout():
     return _replica.get("timeout_s")
 
 
+def _api_key():
+    return _replica.get("api_key")
+
+
+def _metrics_key():
+    return _replica.get("metrics_key")
+
+
 def _start(args: "RayServeArgs") -> None:
     config = args.server_config()
-    _replica.update(engine=config.load(), name=config.name, timeout_s=config.timeout_s)
+    _replica.update(engine=config.load(), name=config.name, timeout_s=config.timeout_s, api_key=config.api_key,
+                    metrics_key=None if config.open_metrics else config.api_key)
 
 
 def _stop() -> None:
@@ -50,7 +59,7 @@ def _stop() -> None:
 
 
 api = openai_error_pages(FastAPI(title="cpm-serve on Ray", docs_url=None, redoc_url=None))
-api.include_router(build_router(_engine, _name, _timeout))
+api.include_router(build_router(_engine, _name, _timeout, api_key=_api_key, metrics_key=_metrics_key))
 
 
 @api.middleware("http")
@@ -77,11 +86,16 @@ class RayServeArgs(BaseModel):
     min_replicas: int | None = Field(None, ge=0)
     max_replicas: int | None = Field(None, ge=1)
     num_cpus: float = Field(1.0, gt=0)
+    # the key: the replica's environment variable, so it stays out of Serve configs and `serve run` lines
+    api_key_env: str | None = "CPM_SERVE_API_KEY"
+    open_metrics: bool = False
 
     def server_config(self) -> ServerConfig:
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
         return ServerConfig(bundle=self.bundle, graph=self.graph, threads=self.threads or max(1, int(self.num_cpus)),
                             max_batch=self.max_batch, max_queue=self.max_queue, max_total=self.max_total,
-                            prefill_tokens=self.prefill_tokens, timeout_s=self.timeout_s, model_name=self.model_name)
+                            prefill_tokens=self.prefill_tokens, timeout_s=self.timeout_s, model_name=self.model_name,
+                            api_key=key or None, open_metrics=self.open_metrics)
 
 
 @serve.deployment(name="cpm", health_check_period_s=5, graceful_shutdown_timeout_s=20)

@@ -7,10 +7,11 @@ The same router serves under uvicorn (``serve.app``) and inside Ray Serve replic
 # No `from __future__ import annotations`: FastAPI reads these signatures, and in a Ray replica the
 # route functions arrive pickled by value, without the module globals a string annotation needs.
 import asyncio
+import hmac
 import json
 from collections.abc import Callable
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -18,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import completions
 from .engine import Engine
-from .openai_protocol import CompletionIds, choice, error_body, models_list
+from .openai_protocol import CompletionIds, CompletionRequest, choice, error_body, models_list
 from .sequence import EngineError, QueueFull
 
 RETRY_AFTER_S = 1
@@ -41,30 +42,82 @@ async def _read_body(http: Request) -> bytes | None:
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-           headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param), status_code=status, headers=headers)
+           headers: dict | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+class Unauthorized(Exception):
+    """A request without the server's API key."""
 
 
 def openai_error_pages(app: FastAPI) -> FastAPI:
     """Unknown routes and methods answer in OpenAI's error shape (the openai client reads
-    error.message), naming the routes this server has."""
+    error.message), naming the routes this server has; so does a missing or wrong API key (401)."""
 
     async def not_here(http: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = (f"{http.method} {http.url.path}: {exc.detail}; this server answers POST /v1/completions, "
                    "GET /v1/models, GET /health and GET /metrics")
         return _error(exc.status_code, message, "invalid_request_error", headers=getattr(exc, "headers", None))
 
+    async def unauthorized(http: Request, exc: Unauthorized) -> JSONResponse:
+        return _error(401, str(exc), "invalid_request_error", code="invalid_api_key",
+                      headers={"WWW-Authenticate": "Bearer"})
+
     app.add_exception_handler(StarletteHTTPException, not_here)
+    app.add_exception_handler(Unauthorized, unauthorized)
+    _document_request_body(app)
     return app
+
+
+COMPLETION_BODY = {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/CompletionRequest"}}}}
+
+
+def _document_request_body(app: FastAPI) -> None:
+    """/openapi.json describes the completions body. The route reads the body itself (size limit,
+    OpenAI-shaped errors), so FastAPI does not see the model: its schema is added here."""
+    plain = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = plain()
+            body = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(body.pop("$defs", {}))
+            components["CompletionRequest"] = body
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def key_check(key_of: Callable[[], "str | None"]) -> Callable:
+    """A dependency that lets a request through when the server has no key, or when it sends
+    ``Authorization: Bearer <key>`` (compared in constant time)."""
+
+    async def check(http: Request):
+        key = key_of()
+        if key is None:
+            return
+        scheme, _, given = http.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise Unauthorized("this server needs its API key: send Authorization: Bearer <key> "
+                               "(the openai client's api_key)")
+
+    return check
 
 
 def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | Callable[[], str]",
                  timeout_s: "float | None | Callable[[], float | None]" = None,
-                 load_error: Callable[[], str | None] = lambda: None) -> APIRouter:
-    """``model_name`` and ``timeout_s`` may be callables: a Ray replica learns them only when it starts."""
-    router = APIRouter()
+                 load_error: Callable[[], str | None] = lambda: None,
+                 api_key: Callable[[], "str | None"] = lambda: None,
+                 metrics_key: "Callable[[], str | None] | None" = None) -> APIRouter:
+    """``model_name``, ``timeout_s`` and the keys may be callables: a Ray replica learns them only when
+    it starts. ``api_key`` guards every route but /health; ``metrics_key`` guards /metrics (default:
+    the API key)."""
     name_of = model_name if callable(model_name) else (lambda: model_name)
     timeout_of = timeout_s if callable(timeout_s) else (lambda: timeout_s)
+    guarded = [Depends(key_check(api_key))]
+    router = APIRouter()
 
     @router.get("/health")
     async def health():
@@ -73,16 +126,16 @@ def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | C
         failed = load_error()
         return JSONResponse({"status": "failed" if failed else "loading", "error": failed}, status_code=503)
 
-    @router.get("/metrics")
+    @router.get("/metrics", dependencies=[Depends(key_check(metrics_key or api_key))])
     async def metrics():
         engine = get_engine()
         return Response(engine.metrics.exposition() if engine else b"", media_type=CONTENT_TYPE_LATEST)
 
-    @router.get("/v1/models")
+    @router.get("/v1/models", dependencies=guarded)
     async def models():
         return models_list(name_of())
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", dependencies=guarded, openapi_extra={"requestBody": COMPLETION_BODY})
     async def create_completion(http: Request):
         engine = get_engine()
         if engine is None:
