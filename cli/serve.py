@@ -38,10 +38,12 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
               help="Require 'Authorization: Bearer KEY' (the openai client's api_key) on every route but /health. "
                    "Prefer the environment variable: an option shows in process listings.")
 @click.option("--open-metrics", is_flag=True, help="Serve /metrics without the API key (for a scraper).")
+@click.option("--no-warm-up", is_flag=True, help="Report ready after one first run instead of after running every "
+                                                  "batch shape once (faster start, slower first burst).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the graph's files (paths are still checked).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tokens, threads, timeout_s, drain_s, model_name,
-         api_key, open_metrics, no_verify, verbose):
+         api_key, open_metrics, no_warm_up, no_verify, verbose):
     """Serve the model in BUNDLE over OpenAI's completions API.
 
     Routes: POST /v1/completions (streaming with "stream": true), GET /v1/models, GET /health
@@ -78,7 +80,8 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tok
                    "(set CPM_SERVE_API_KEY)", err=True)
     config = ServerConfig(bundle, graph=graph, threads=threads, max_batch=max_batch, max_queue=max_queue,
                           max_total=max_total, prefill_tokens=prefill_tokens, timeout_s=timeout_s, drain_s=drain_s,
-                          model_name=model_name, verify=not no_verify, api_key=api_key, open_metrics=open_metrics)
+                          model_name=model_name, verify=not no_verify, api_key=api_key, open_metrics=open_metrics,
+                          warm_up=not no_warm_up)
     run(config, host, port, verbose)
 
 

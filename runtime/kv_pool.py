@@ -22,6 +22,11 @@ class KVPool:
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers)
 
+    def touch(self) -> None:
+        """Fault every page in now (numpy's zeros are mapped lazily), not during the first requests."""
+        for b in self.buffers:
+            b.fill(0)
+
     def views(self, start: int, stop: int) -> list:
         """OrtValues over slots start .. stop-1 of every buffer (no copy)."""
         return [self._ort.OrtValue.ortvalue_from_numpy(b[start:stop]) for b in self.buffers]

@@ -35,6 +35,7 @@ class ServerConfig:
     drain_s: float = 10.0
     model_name: str | None = None
     verify: bool = True
+    warm_up: bool = True  # /health says ready once every batch shape has run once
     api_key: str | None = field(default=None, repr=False)  # never in a log line
     open_metrics: bool = False  # /metrics without the API key (a scraper inside the network)
 
@@ -45,7 +46,7 @@ class ServerConfig:
     def load(self) -> Engine:
         return Engine.from_bundle(self.bundle, graph=self.graph, threads=self.threads, verify=self.verify,
                                   max_batch=self.max_batch, max_queue=self.max_queue, max_total=self.max_total,
-                                  prefill_tokens=self.prefill_tokens).start()
+                                  prefill_tokens=self.prefill_tokens, warm_up=self.warm_up).start()
 
 
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
@@ -55,8 +56,9 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     def load():
         try:
             state["engine"] = config.load()
-            log.info("ready: %s (graph %s, max batch %d)", config.name, state["engine"].generator.graph_name,
-                        config.max_batch)
+            engine = state["engine"]
+            log.info("ready: %s (graph %s, max batch %d; warm-up %.1f s)", config.name, engine.generator.graph_name,
+                     config.max_batch, engine.warm_up_s)
         except Exception as e:  # noqa: BLE001 - reported by /health and the log, the process stays up
             state["error"] = f"{type(e).__name__}: {e}"
             log.error("could not load %s: %s", config.bundle, state["error"])

@@ -37,7 +37,7 @@ class RequestError(ValueError):
 
 class Engine:
     def __init__(self, generator: CPMGenerator, max_batch: int = 16, max_queue: int = 64, max_total: int | None = None,
-                 prefill_tokens: int = 128, max_decode_delay_s: float = 0.1):
+                 prefill_tokens: int = 128, max_decode_delay_s: float = 0.1, warm_up: bool = True):
         dec = generator.decoder
         if getattr(dec, "kind", None) != "shared":
             raise EngineError(f"continuous batching needs a shared-KV graph (cpu-fp32, cpu-int8, cpu-int4, cuda-*); "
@@ -53,6 +53,7 @@ class Engine:
         # while a burst is still being admitted, decode steps wait (new requests reach their first
         # token sooner), but running sequences never wait longer than this for their next token
         self.max_decode_delay_s = max_decode_delay_s
+        self.full_warm_up, self.warm_up_s = warm_up, 0.0
         self.capacity = min(max_total or generator.n_positions, generator.n_positions)
         self.pool = dec.kv_pool(max_batch, self.capacity)
         self._steps: dict = {}  # n rows -> StepBinding over pool slots 0 .. n-1, bound once
@@ -131,14 +132,31 @@ class Engine:
                 for i in range(n)]
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def warm_up(self) -> None:
-        """Pay the first-call costs (jieba's dictionary, onnxruntime's first run) before requests do."""
+    def warm_up(self, full: bool = True) -> float:
+        """Pay first-run costs before requests do; returns the seconds it took. Always: jieba's
+        dictionary and onnxruntime's first run. ``full``: every page of the KV pool, a prompt group
+        of each power-of-two size up to the batch, and a decode step at every batch width (each
+        width binds its KV views once). What it writes into the pool is overwritten by the next
+        prefill of each slot, and never read before."""
+        t0 = time.perf_counter()
         ids = self.encode("清华大学")
         self.decoder.run_prefill([ids], self.pool.views(0, 1), self.tokenizer.pad_id)
+        if full:
+            self.pool.touch()
+            prompt = (ids * 8)[:max(1, min(32, self.capacity - 1))]
+            group = 1
+            while group <= self.max_batch:
+                self.decoder.run_prefill([prompt] * group, self.pool.views(0, group), self.tokenizer.pad_id)
+                group *= 2
+            for width in range(1, self.max_batch + 1):
+                self._step_binding(width).run(np.full(width, ids[0], np.int64), np.full(width, len(prompt), np.int64))
+        self.warm_up_s = time.perf_counter() - t0
+        return self.warm_up_s
 
     def start(self) -> "Engine":
+        """Start the loop, warm (see ``warm_up``; ``Engine(..., warm_up=False)``: the first run only)."""
         if self._thread is None:
-            self.warm_up()
+            self.warm_up(full=self.full_warm_up)
             self._thread = threading.Thread(target=self._loop, name="cpm-engine", daemon=True)
             self._thread.start()
         return self

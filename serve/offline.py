@@ -113,7 +113,7 @@ class _Job:
 def offline_engine(gen: CPMGenerator, max_batch: int) -> Engine:
     """An engine for a job (start it, or use it as a context): nobody waits for a first token, so free
     slots are filled in as few prompt calls as they take."""
-    return Engine(gen, max_batch=max_batch, max_queue=2 * max_batch, prefill_tokens=4096)
+    return Engine(gen, max_batch=max_batch, max_queue=2 * max_batch, prefill_tokens=4096, warm_up=False)
 
 
 class EngineJob:

@@ -89,13 +89,14 @@ class RayServeArgs(BaseModel):
     # the key: the replica's environment variable, so it stays out of Serve configs and `serve run` lines
     api_key_env: str | None = "CPM_SERVE_API_KEY"
     open_metrics: bool = False
+    warm_up: bool = True
 
     def server_config(self) -> ServerConfig:
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         return ServerConfig(bundle=self.bundle, graph=self.graph, threads=self.threads or max(1, int(self.num_cpus)),
                             max_batch=self.max_batch, max_queue=self.max_queue, max_total=self.max_total,
                             prefill_tokens=self.prefill_tokens, timeout_s=self.timeout_s, model_name=self.model_name,
-                            api_key=key or None, open_metrics=self.open_metrics)
+                            api_key=key or None, open_metrics=self.open_metrics, warm_up=self.warm_up)
 
 
 @serve.deployment(name="cpm", health_check_period_s=5, graceful_shutdown_timeout_s=20)

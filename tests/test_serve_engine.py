@@ -237,3 +237,24 @@ def test_int4_engine_runs_prompts_on_the_int8_graph(trained_bundle):
         for prompt in PROMPTS[:3]:
             assert e.complete(prompt, 8)[0]["text"] == alone(gen, prompt, 8)
         assert len(run_concurrently(e, [(p, 5, {}) for p in PROMPTS[:6]])) == 6 and not e.rows
+
+
+def test_ready_means_warm_every_batch_width_has_run_before_the_first_request(trained_bundle, trained_generator):
+    cold = Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=5, warm_up=False).start()
+    warm = Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=5).start()
+    try:
+        assert not cold._steps and sorted(warm._steps) == [1, 2, 3, 4, 5] and warm.warm_up_s > 0
+        # what warm-up wrote into the KV pool is never read: a burst right after ready equals the runtime alone
+        prompts = corpus_lines(40)[20:25]
+        events = {i: queue.Queue() for i in range(5)}
+        requests = [warm.submit(warm.make_request(p, 6, sink=events[i].put, do_sample=False))
+                    for i, p in enumerate(prompts)]
+        assert len(requests) == 5
+        for i, p in enumerate(prompts):
+            text = ""
+            while (ev := events[i].get(timeout=60)).kind != "finish":
+                text += ev.text
+            assert text == alone(trained_generator, p, 6)
+    finally:
+        cold.shutdown()
+        warm.shutdown()
