@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def main(bundle, task, data, candidates, seed, seq_length, split, graphs, backen
     from ..runtime.eval import (EvalDataError, classify, encode_examples, load_chid, load_task, open_scorer,
                                 perplexity_of_lines, summarize)
 
+    path = report or Path(f"cpm-eval-{task}.json")
+    if not os.access(path.absolute().parent, os.W_OK):  # found out now, not after hours of scoring
+        raise click.ClickException(f"cannot write the report {path}: its folder is missing or not writable")
     with user_errors(BundleError, EvalDataError, GenerationError, ProviderError, ValueError, FileNotFoundError):
         if task == "perplexity":
             if not data.is_file():
@@ -108,7 +112,6 @@ def main(bundle, task, data, candidates, seed, seq_length, split, graphs, backen
             results[scorer.graph_name] = {"scoring": scorer.method, **r} | ({"ray_workers": workers} if ray_address else {})
             del scorer  # one graph's weights in memory at a time
     _print(task, results, spec)
-    path = report or Path(f"cpm-eval-{task}.json")
     doc = {"bundle": str(bundle), "task": task, "backend": backend, "limit": limit,
            "method": spec.method if spec else {}, "graphs": results}
     if spec is not None:

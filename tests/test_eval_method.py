@@ -222,3 +222,10 @@ def test_too_few_labels_to_sample_is_an_error(tmp_path):
     with pytest.raises(EvalDataError, match="need more than 3 labels"):
         load_task("tnews", folder)
     assert len(load_task("tnews", folder, candidates="all").examples) == 4
+
+
+def test_an_unwritable_report_fails_before_any_scoring(trained_bundle, tmp_path):
+    folder = write_chid(tmp_path / "chid", CHID, ANSWERS)
+    r = CliRunner().invoke(eval_cli, [str(trained_bundle), "-T", "chid", "-d", str(folder), "-q",
+                                      "-o", str(tmp_path / "missing" / "r.json")])
+    assert r.exit_code == 1 and "cannot write the report" in r.output and "Traceback" not in r.output
