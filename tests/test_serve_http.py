@@ -28,13 +28,12 @@ def client(trained_server):
 
 @pytest.fixture(scope="module")
 def busy_server(tiny_bundle):
-    """Random weights (sequences rarely end early: 1000 tokens take about a second), one slot, one
-    queue place."""
+    """Random weights (sequences rarely end early: 1000 tokens take 0.3-1 s), one slot, one queue place."""
     with serve_process(tiny_bundle, "-g", "cpu-fp32", "-t", "1", "--max-batch", "1", "--max-queue", "1") as (_, base):
         yield base
 
 
-# Holds a slot for about a second (1000 tokens, ~0.75 s). Greedy: sampled at the API's default
+# Holds a slot for 0.3-1 s (1000 tokens; a warmed-up server is at the short end). Greedy: sampled at the API's default
 # temperature, the random model drew <eod> within 0.3 s in ~1 of 20 requests; greedy, the seeded
 # weights fix whether it ends early (it does not).
 LONG_GREEDY = {"prompt": "清华", "max_tokens": 1000, "temperature": 0}
@@ -172,7 +171,9 @@ def test_a_full_queue_answers_429_at_once(busy_server):
         waiting = threading.Thread(target=lambda: httpx.post(f"{busy_server}/v1/completions",
                                                              json={"prompt": "清华", "max_tokens": 5}, timeout=30))
         waiting.start()
-        time.sleep(0.2)  # queued: the only queue place is taken
+        deadline = time.time() + 5  # queued: the only queue place is taken (polled: a warm server decodes
+        while metric(busy_server, "cpm_queue_depth") < 1 and time.time() < deadline:  # the 1000 tokens in ~0.3 s)
+            time.sleep(0.005)
         t0 = time.perf_counter()
         r = http.post("/v1/completions", json={"prompt": "清华", "max_tokens": 5})
         assert r.status_code == 429 and r.headers["Retry-After"] == "1" and time.perf_counter() - t0 < 1
