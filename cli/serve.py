@@ -65,6 +65,7 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tok
     except ImportError as e:
         raise click.ClickException(f"serving needs the [serve] extra (pip install 'cpm-deploy[serve]'): {e}") from None
     from ..runtime import BundleError, Bundle
+    from ..runtime.memory import MemoryBudgetError
 
     with user_errors(BundleError):  # mistakes fail here, before the port opens
         b = Bundle.open(bundle, verify=False)
@@ -82,6 +83,8 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tok
                           max_total=max_total, prefill_tokens=prefill_tokens, timeout_s=timeout_s, drain_s=drain_s,
                           model_name=model_name, verify=not no_verify, api_key=api_key, open_metrics=open_metrics,
                           warm_up=not no_warm_up)
+    with user_errors(MemoryBudgetError):
+        config.check_memory()
     run(config, host, port, verbose)
 
 

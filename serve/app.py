@@ -43,7 +43,19 @@ class ServerConfig:
     def name(self) -> str:
         return self.model_name or Path(self.bundle).name
 
+    def check_memory(self) -> None:
+        """Refuse a pool that would not fit next to the weights (MemoryBudgetError names what fits)."""
+        from ..runtime import Bundle
+        from ..runtime.memory import serving_memory
+
+        bundle = Bundle.open(self.bundle, verify=False)
+        name = self.graph or bundle.default_graph
+        capacity = min(self.max_total or bundle.config["n_positions"], bundle.config["n_positions"])
+        kv_bytes = 2 if bundle.graph(name).get("precision") == "fp16" else 4
+        serving_memory(bundle, name, kv_bytes).check(self.max_batch, capacity, f"{self.name} ({name})")
+
     def load(self) -> Engine:
+        self.check_memory()
         return Engine.from_bundle(self.bundle, graph=self.graph, threads=self.threads, verify=self.verify,
                                   max_batch=self.max_batch, max_queue=self.max_queue, max_total=self.max_total,
                                   prefill_tokens=self.prefill_tokens, warm_up=self.warm_up).start()
