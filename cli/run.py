@@ -67,6 +67,7 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
     """
     setup_logging()
     from ..runtime import BundleError, CPMGenerator, GenerationError, ProviderError, SamplingConfig
+    from ..runtime.generator import check_choices
     from ..runtime.tensorrt_versions import TensorRTVersionError
     from ..runtime.cuda import CudaUnavailable
     from ..runtime.sampling import NonFiniteLogits
@@ -78,10 +79,10 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
         SamplingConfig(**sampling)  # validate before the (slow) model load
-        if num_return_sequences < 1:
-            raise GenerationError(f"--num-return-sequences must be >= 1, got {num_return_sequences}")
-        if num_return_sequences > 1 and not do_sample:
-            raise GenerationError("--num-return-sequences > 1 needs --sample (greedy would repeat one sequence)")
+        try:  # before the (slow) model load
+            check_choices(num_return_sequences, do_sample)
+        except GenerationError as e:
+            raise GenerationError(f"--num-return-sequences / --sample: {e}") from None
         if prompt is None and prompts_file is None:
             if sys.stdin is None or sys.stdin.isatty():
                 raise click.UsageError("give a PROMPT, or prompts with --prompts-file / on stdin")

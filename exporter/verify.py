@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..runtime.eval.metrics import log_softmax
 from .model import CPMModel, positions_from_mask
 
 
@@ -81,14 +82,9 @@ def _reference(model: CPMModel, case: Case, seed: int) -> Expected:
     return Expected(case, feeds, outputs, mask[:, P:].bool().numpy())
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def _kl(ref: np.ndarray, got: np.ndarray) -> float:
     """Mean KL(reference || variant) of the next-token distributions, rows of [N, V]."""
-    lp, lq = _log_softmax(ref), _log_softmax(got)
+    lp, lq = log_softmax(ref), log_softmax(got)
     return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
 
 
@@ -201,7 +197,7 @@ def score_parity(expected: list[Expected], logprobs: Callable, gate: dict) -> di
         rows = [ids[n:] for ids, n in zip(exp.feeds["input_ids"], pads)]
         logits = [lg[n:] for lg, n in zip(exp.outputs["logits"], pads)]
         got = np.concatenate(logprobs([r[:1].tolist() for r in rows], [r[1:].tolist() for r in rows]))
-        want = np.concatenate([_log_softmax(lg[:-1])[np.arange(len(r) - 1), r[1:]] for lg, r in zip(logits, rows)])
+        want = np.concatenate([log_softmax(lg[:-1])[np.arange(len(r) - 1), r[1:]] for lg, r in zip(logits, rows)])
         diff = np.abs(got - want) if np.all(np.isfinite(got)) else np.full_like(want, np.inf)
         measured = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
         cases.append({"case": exp.case.name, "passed": all(measured[k] <= v for k, v in gate.items()),

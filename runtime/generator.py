@@ -142,17 +142,14 @@ class CPMGenerator:
         """New token ids per sequence (prompt-major: prompt i's sequences are i*n .. i*n+n-1)."""
         req = self.prepare(texts, max_length, max_new_tokens, truncate_prompt)
         out = None
-        for out in self.iter_ids(req.prompts, req.max_new_tokens, num_return_sequences, SamplingConfig(**_as_tuple(sampling))):
+        for out in self.iter_ids(req.prompts, req.max_new_tokens, num_return_sequences, SamplingConfig(**sampling_keywords(sampling))):
             pass
         return out
 
     def iter_ids(self, prompts: list[list[int]], max_new_tokens: int, num_return_sequences: int,
                  cfg: SamplingConfig) -> Iterator[list[list[int]]]:
         """Yield the new ids of every sequence after each step (finished rows stop growing)."""
-        if num_return_sequences < 1:
-            raise GenerationError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
-        if not cfg.do_sample and num_return_sequences > 1:
-            raise GenerationError("num_return_sequences > 1 needs do_sample (greedy would repeat one sequence)")
+        check_choices(num_return_sequences, cfg.do_sample)
         rows = [p for p in prompts for _ in range(num_return_sequences)]
         B = len(rows)
         rng = np.random.default_rng(cfg.seed)
@@ -189,7 +186,7 @@ class CPMGenerator:
                truncate_prompt: bool = False, **sampling) -> Iterator[str]:
         """Text pieces of one continuation as they are decoded (whole characters only)."""
         req = self.prepare([prompt], max_length, max_new_tokens, truncate_prompt)
-        cfg = SamplingConfig(**_as_tuple(sampling))
+        cfg = SamplingConfig(**sampling_keywords(sampling))
         text = TextStream(self.tokenizer, cfg.stop)
         for out in self.iter_ids(req.prompts, req.max_new_tokens, 1, cfg):
             tok = out[0][-1]
@@ -214,7 +211,15 @@ def _tensorrt_decoder(bundle: Bundle, verify: bool):
     return TensorRTDecoder(bundle.resolve(file), engines[name], bundle.config), name
 
 
-def _as_tuple(sampling: dict) -> dict:
+def check_choices(num_return_sequences, do_sample: bool) -> None:
+    """Sequences per prompt: at least one, and more only when sampling (greedy would repeat one)."""
+    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        raise GenerationError(f"num_return_sequences must be a whole number >= 1, got {num_return_sequences!r}")
+    if not do_sample and num_return_sequences > 1:
+        raise GenerationError("num_return_sequences > 1 needs do_sample (greedy would repeat one sequence)")
+
+
+def sampling_keywords(sampling: dict) -> dict:
     """The keywords SamplingConfig (frozen, hashable) takes: stop and logit_bias as tuples."""
     if "stop" in sampling:
         stop = sampling["stop"]

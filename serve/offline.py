@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import IO
 
 from ..runtime import CPMGenerator, GenerationError
+from ..runtime.generator import check_choices, sampling_keywords
 from . import completions
 from .engine import Engine, RequestError
-from .offline_formats import Line, batch_record, generation_record, line_key, record_key
+from .offline_formats import LENGTH_KEYS, Line, batch_record, generation_record, line_key, record_key
 from .openai_protocol import CompletionIds
 from .sequence import QueueFull
 
-GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty",
-                   "frequency_penalty", "seed", "stop")
 
 
 class JobError(RuntimeError):
@@ -172,11 +171,9 @@ class EngineJob:
                                              lambda k: lambda ev: events.put((job, k, ev)))
         o, gen = line.options, self.engine.generator
         n = o.get("num_return_sequences", 1)
-        if not isinstance(n, int) or n < 1 or (n > 1 and not o.get("do_sample")):
-            raise GenerationError("num_return_sequences must be 1, or more with do_sample")
+        check_choices(n, bool(o.get("do_sample")))
         req = gen.prepare([line.prompt], o.get("max_length"), o.get("max_new_tokens"), bool(o.get("truncate_prompt")))
-        sampling = {k: (tuple(v) if k == "stop" and isinstance(v, list) else v) for k, v in o.items()
-                    if k in GENERATION_KEYS}
+        sampling = sampling_keywords({k: v for k, v in o.items() if k not in LENGTH_KEYS})
         return [self.engine.make_request(req.prompts[0], req.max_new_tokens, n, sink=lambda ev: events.put((job, 0, ev)),
                                          stream=False, **sampling)]
 

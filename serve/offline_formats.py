@@ -24,6 +24,7 @@ OVERRIDES = {"max_new_tokens": _INT, "max_length": _INT, "num_return_sequences":
              "do_sample": _BOOL, "temperature": _NUMBER, "top_k": _INT, "top_p": _NUMBER,
              "repetition_penalty": _NUMBER, "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER, "seed": _INT,
              "stop": ("a string or a list of strings", (str, list))}
+LENGTH_KEYS = ("max_new_tokens", "max_length", "num_return_sequences", "truncate_prompt")  # the rest is sampling
 
 
 class LineError(ValueError):
