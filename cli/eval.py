@@ -186,9 +186,7 @@ class _RayScorer:
         self.graph_name, self.method = info["graph"], f"{info['method']}, on Ray"
 
     def classify(self, encoded, on_progress=None) -> dict:
-        import numpy as np
-
-        from ..runtime.eval.tasks import EXAMPLES_PER_CALL
+        from ..runtime.eval.tasks import EXAMPLES_PER_CALL, decided
 
         scores = []
         chunks = self.ray_job.chunked(encoded, 4 * EXAMPLES_PER_CALL)
@@ -196,7 +194,7 @@ class _RayScorer:
             scores += part
             if on_progress:
                 on_progress(len(scores), len(encoded))
-        return {"predictions": [int(np.argmin(s)) for s in scores], "scores": scores}
+        return decided(scores)
 
     def __del__(self):
         for a in getattr(self, "pool", []):

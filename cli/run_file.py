@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ def open_job(source: str, output: Path | None, fmt: str, defaults: dict) -> File
     lines, total = _read_lines(source)
     first = next(lines, None)
     fmt = detect(first[1]) if fmt == "auto" and first else ("text" if fmt == "auto" else fmt)
-    parsed = (parse(n, t, fmt, defaults) for n, t in _chain(first, lines))
+    parsed = (parse(n, t, fmt, defaults) for n, t in itertools.chain([first] if first else [], lines))
     try:
         out = Output(output, sys.stdout)
         done = out.resume()
@@ -76,12 +77,6 @@ def _read_lines(path: str) -> tuple[Iterator[tuple[int, str]], int | None]:
             yield from ((n, t.rstrip("\n")) for n, t in enumerate(f, 1) if t.strip())
 
     return lines(), total
-
-
-def _chain(first, rest):
-    if first is not None:
-        yield first
-        yield from rest
 
 
 def run_file_on_ray(bundle: Path, job: FileJob, address: str, workers: int, worker_cpus: float, graph: str | None,

@@ -77,13 +77,7 @@ class _OrtDecoder:
             self.steps_on_prompt_graph_from = saved
 
     def _kv(self, batch: int, length: int) -> list:
-        """One buffer per layer and kind, owned by onnxruntime on the session's device.
-
-        Never one numpy array wrapped many times: on the CPU an OrtValue shares the array's
-        memory, and shared-KV graphs write these buffers in place.
-        """
-        shape = [batch, self.n_head, length, self.head_dim]
-        return [self.ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device) for _ in self.past_names]
+        return kv_buffers(len(self.past_names), [batch, self.n_head, length, self.head_dim], self.dtype, self.device)
 
     def _run(self, feeds: dict[str, np.ndarray], past: list, shared: bool, session=None) -> tuple[np.ndarray, list]:
         session = session or self.session
@@ -101,6 +95,17 @@ class _OrtDecoder:
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy()[:, -1, :].astype(np.float32), (past if shared else outputs[1:])
+
+
+def kv_buffers(count: int, shape: list[int], dtype, device: str) -> list:
+    """One buffer per layer and kind, owned by onnxruntime on the device.
+
+    Never one numpy array wrapped many times: on the CPU an OrtValue shares the array's memory, and
+    shared-KV graphs write these buffers in place.
+    """
+    import onnxruntime as ort
+
+    return [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device) for _ in range(count)]
 
 
 def _io(session) -> tuple:

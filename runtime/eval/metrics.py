@@ -45,14 +45,7 @@ def perplexity(decoder, texts_ids: Iterable[list[int]], batch: int = 1, pad_id: 
                on_progress: Callable[[int, int], None] | None = None) -> float:
     """Perplexity of texts (token ids; each first token is context only), ``batch`` texts at a time."""
     texts = [ids for ids in texts_ids if len(ids) >= 2]
-    nll, count = 0.0, 0
-    for start in range(0, len(texts), batch):
-        chunk = texts[start:start + batch]
-        lps = continuation_logprobs(decoder, [t[:1] for t in chunk], [t[1:] for t in chunk], pad_id)
-        nll -= sum(float(lp.sum()) for lp in lps)
-        count += sum(len(lp) for lp in lps)
-        if on_progress:
-            on_progress(min(start + batch, len(texts)), len(texts))
+    nll, count = _nll(lambda p, c: continuation_logprobs(decoder, p, c, pad_id), texts, batch, on_progress)
     return math.exp(nll / count)
 
 
@@ -64,12 +57,18 @@ def perplexity_of_lines(scorer, lines: Iterable[str], batch: int = 32,
     texts = [(ids + [tok.eod_id])[:scorer.n_positions] for line in lines if line.strip() and (ids := tok.encode(line))]
     if not texts:
         raise EvalDataError("no text to score")
+    nll, count = _nll(scorer.logprobs, texts, batch, on_progress)
+    return {"lines": len(texts), "tokens": count, "perplexity": math.exp(nll / count)}
+
+
+def _nll(logprobs: Callable, texts: list[list[int]], batch: int, on_progress) -> tuple[float, int]:
+    """Summed negative log-likelihood of every token after each text's first, and how many tokens."""
     nll, count = 0.0, 0
     for start in range(0, len(texts), batch):
         chunk = texts[start:start + batch]
-        lps = scorer.logprobs([t[:1] for t in chunk], [t[1:] for t in chunk])
+        lps = logprobs([t[:1] for t in chunk], [t[1:] for t in chunk])
         nll -= sum(float(lp.sum()) for lp in lps)
         count += sum(len(lp) for lp in lps)
         if on_progress:
             on_progress(min(start + batch, len(texts)), len(texts))
-    return {"lines": len(texts), "tokens": count, "perplexity": math.exp(nll / count)}
+    return nll, count

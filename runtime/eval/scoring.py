@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import Bundle, BundleError
-from ..decoder import prompt_feeds
+from ..decoder import kv_buffers, prompt_feeds
 from ..padding import right_pad
 from ..session import create_session
 from ..tokenizer import CPMTokenizer
@@ -43,7 +43,6 @@ class Scorer:
     def __init__(self, tokenizer: CPMTokenizer, config: dict, graph_name: str, max_rows: int):
         self.tokenizer, self.config, self.graph_name, self.max_rows = tokenizer, config, graph_name, max_rows
         self.n_positions = config["n_positions"]
-        self.eod_id = config.get("eod_id", tokenizer.eod_id)
 
     def logprobs(self, prefixes: list[list[int]], continuations: list[list[int]]) -> list[np.ndarray]:
         if any(not p for p in prefixes) or any(not c for c in continuations):
@@ -75,9 +74,6 @@ class OnePassScorer(Scorer):
 
     def __init__(self, path: Path, *args, provider: str = "cpu", threads: int | None = None):
         super().__init__(*args)
-        import onnxruntime as ort
-
-        self.ort = ort
         self.session = create_session(path, provider, threads)
         names = {v.name for v in (*self.session.get_inputs(), *self.session.get_outputs())}
         if not {"target_ids", "token_logprobs", "input_ids", "seqlens_k"} <= names:
@@ -94,8 +90,7 @@ class OnePassScorer(Scorer):
         shape = (batch, self.kv_shape[0], width, self.kv_shape[1])
         if self._kv[0] != shape:
             self._kv = (shape, [])  # drop the old set before allocating the new one
-            self._kv = (shape, [self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.kv_dtype, self.device)
-                                for _ in self.past_names])
+            self._kv = (shape, kv_buffers(len(self.past_names), list(shape), self.kv_dtype, self.device))
         return self._kv[1]
 
     def _score(self, prefixes, continuations):

@@ -77,6 +77,11 @@ def classify(scorer, encoded: Sequence[Encoded], on_progress: Callable[[int, int
         scores += [[float(-next(it).mean()) for _ in ex] for ex in chunk]
         if on_progress:
             on_progress(len(scores), len(encoded))
+    return decided(scores)
+
+
+def decided(scores: list[list[float]]) -> dict:
+    """Each example's prediction, the first lowest score (ties never go to a later candidate)."""
     return {"predictions": [int(np.argmin(s)) for s in scores], "scores": scores}
 
 
