@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -43,16 +44,26 @@ def open_job(source: str, output: Path | None, fmt: str, defaults: dict) -> File
 
 
 def run_file(gen, job: FileJob, max_batch: int, quiet: bool, model_name: str) -> None:
-    from ..serve.offline import EngineJob, JobError, OutputClosed, offline_engine, run_job, sequential
+    from ..serve.offline import EngineJob, offline_engine, sequential
+
+    with _writing(job, quiet) as write:
+        if gen.decoder.kind == "shared":  # the engine batches shared-KV graphs
+            with offline_engine(gen, max_batch) as engine:
+                write(EngineJob(engine, model_name).run(job.lines))
+        else:
+            write(sequential(gen, job.lines))
+
+
+@contextlib.contextmanager
+def _writing(job: FileJob, quiet: bool):
+    """``write(records)`` into the job's output, with a progress bar on a terminal; the job's file
+    errors as one line; the output closed whatever happens."""
+    from ..serve.offline import JobError, OutputClosed, run_job
 
     try:
         with stage_progress({}, enabled=not quiet and job.total is not None and sys.stderr.isatty()) as step:
             progress = (lambda n: step("prompts", n, job.total)) if job.total else None
-            if gen.decoder.kind == "shared":  # the engine batches shared-KV graphs
-                with offline_engine(gen, max_batch) as engine:
-                    run_job(EngineJob(engine, model_name).run(job.lines), job.output, progress)
-            else:
-                run_job(sequential(gen, job.lines), job.output, progress)
+            yield lambda records: run_job(records, job.output, progress)
     except OutputClosed:  # `| head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     except JobError as e:
@@ -82,27 +93,18 @@ def _read_lines(path: str) -> tuple[Iterator[tuple[int, str]], int | None]:
 def run_file_on_ray(bundle: Path, job: FileJob, address: str, workers: int, worker_cpus: float, graph: str | None,
                     threads: int | None, max_batch: int, verify: bool, quiet: bool, chunk: int = 16) -> None:
     """The same job over Ray worker actors (one engine each); records in input order, as locally."""
-    from ..serve.offline import JobError, OutputClosed, run_job
-
     ray, ray_job = connect(address)
     actor = ray_job.GenerationWorker.options(num_cpus=worker_cpus)
     pool = [actor.remote(str(bundle.absolute()), graph, threads or max(1, int(worker_cpus)), max_batch, verify,
                          bundle.name) for _ in range(workers)]
     try:
-        chunks = ray_job.chunked(job.lines, chunk)
-        results = ray_job.ordered(pool, chunks, lambda w, c: w.run.remote(c))
-        records = (r for chunk_records in results for r in chunk_records)
-        with stage_progress({}, enabled=not quiet and job.total is not None and sys.stderr.isatty()) as step:
-            run_job(records, job.output, (lambda n: step("prompts", n, job.total)) if job.total else None)
-    except OutputClosed:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except JobError as e:
-        raise click.ClickException(str(e)) from None
+        with _writing(job, quiet) as write:
+            results = ray_job.ordered(pool, ray_job.chunked(job.lines, chunk), lambda w, c: w.run.remote(c))
+            write(r for chunk_records in results for r in chunk_records)
     except ray.exceptions.RayError as e:
         raise click.ClickException(f"a Ray worker failed {ray_job.RETRIES + 1} times, or the cluster went away: "
                                    f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
     finally:
-        job.output.close()
         for a in pool:
             ray.kill(a)
 
