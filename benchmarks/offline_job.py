@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -114,20 +115,15 @@ def _job(gen, prompts: list[str], fmt: str, max_batch: int) -> dict:
 
 
 def _ray(bundle: Path, graph: str, prompts: list[str], max_batch: int) -> dict:
-    import os
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ray_helpers import two_node_cluster  # the cluster the Ray tests use: two nodes on loopback
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
-    from ray.cluster_utils import Cluster
 
     from cpm_deploy.serve import ray_job
     from cpm_deploy.serve.offline_formats import parse
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                            "node_ip_address": "127.0.0.1"})
-    cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
-    try:
+    with two_node_cluster():
         pool = [ray_job.GenerationWorker.options(num_cpus=1).remote(str(bundle), graph, 1, max_batch, False, "b")
                 for _ in range(2)]
         ray.get([w.pid.remote() for w in pool])  # models loaded
@@ -138,9 +134,6 @@ def _ray(bundle: Path, graph: str, prompts: list[str], max_batch: int) -> dict:
         seconds = time.perf_counter() - t0
         tokens = sum(ray.get([w.generated_tokens.remote() for w in pool]))
         assert len(records) == len(prompts)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     return {"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
