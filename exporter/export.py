@@ -230,12 +230,13 @@ def _add_score_graphs(folder: Path, graphs: dict, config: dict, expected, tokeni
     through the runtime scorer that will run it."""
     from ..runtime.eval.scoring import OnePassScorer
 
+    tok = CPMTokenizer(tokenizer)
     for key, entry in graphs.items():
         if entry.get("target") != "cpu" or entry.get("kv_cache") != "shared":
             continue
         step(f"score graph {key}", 0, 1)
         file = score_graph.build(folder, entry["file"])
-        scorer = OnePassScorer(folder / file, CPMTokenizer(tokenizer), config, key, 8, threads=options.threads)
+        scorer = OnePassScorer(folder / file, tok, config, key, 8, threads=options.threads)
         report = score_parity(expected, scorer.logprobs, variants.SCORE_GATES[entry["precision"]])
         del scorer
         if not report["passed"]:
