@@ -114,7 +114,7 @@ def _random_bundle(workdir: Path, preset: str) -> Path:
     from cpm_deploy.exporter import ExportOptions, export_bundle
     from cpm_deploy.exporter.checkpoint_tools import write_random_checkpoint
     from cpm_deploy.exporter.config import CPMConfig
-    from cpm_deploy.runtime.tokenizer import DEFAULT_VOCAB
+    from cpm_deploy.runtime.text.tokenizer import DEFAULT_VOCAB
 
     ckpt, bundle = workdir / f"{preset}-random", workdir / f"{preset}-bundle"
     if not bundle.exists():

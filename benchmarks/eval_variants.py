@@ -62,7 +62,7 @@ def _trained_bundle(workdir: Path) -> Path:
     from trained_tiny import train
 
     from cpm_deploy.exporter import ExportOptions, export_bundle
-    from cpm_deploy.runtime.tokenizer import DEFAULT_VOCAB
+    from cpm_deploy.runtime.text.tokenizer import DEFAULT_VOCAB
 
     bundle = workdir / "bundle"
     if not bundle.exists():

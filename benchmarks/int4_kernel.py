@@ -31,8 +31,8 @@ import numpy as np
 
 from cpm_deploy.exporter.config import PRESETS
 from cpm_deploy.optimize.quantize import quantize_matmuls
-from cpm_deploy.runtime import huge_pages
-from cpm_deploy.runtime.session import create_session
+from cpm_deploy.runtime.system import huge_pages
+from cpm_deploy.runtime.backends.session import create_session
 
 Q4_0_BITS = 4.5  # llama.cpp q4_0: 32 weights in 16 bytes plus an fp16 scale
 

@@ -60,7 +60,7 @@ def _random_small_bundle(folder: Path) -> Path:
     from cpm_deploy.exporter import export_bundle
     from cpm_deploy.exporter.checkpoint_tools import write_random_checkpoint
     from cpm_deploy.exporter.config import CPMConfig
-    from cpm_deploy.runtime.tokenizer import DEFAULT_VOCAB
+    from cpm_deploy.runtime.text.tokenizer import DEFAULT_VOCAB
 
     write_random_checkpoint(CPMConfig.from_preset("small"), folder / "ckpt", seed=0, tokenizer=DEFAULT_VOCAB)
     export_bundle(folder / "ckpt", folder / "bundle")

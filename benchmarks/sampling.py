@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpm_deploy.runtime.sampling import SamplingConfig, next_tokens
+from cpm_deploy.runtime.generation.sampling import SamplingConfig, next_tokens
 
 VOCAB = 30000
 SHAPES = {"peaked": 12.0, "flat": 3.0, "very flat": 0.3}

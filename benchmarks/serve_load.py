@@ -143,7 +143,7 @@ def ensure_bundle(workdir: Path, graphs: list[str]) -> Path:
     from cpm_deploy.exporter.checkpoint_tools import write_random_checkpoint
     from cpm_deploy.exporter.config import CPMConfig
     from cpm_deploy.runtime import Bundle
-    from cpm_deploy.runtime.tokenizer import DEFAULT_VOCAB
+    from cpm_deploy.runtime.text.tokenizer import DEFAULT_VOCAB
 
     bundle = workdir / "small-bundle"
     if not bundle.exists():
@@ -217,7 +217,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     for spec in args.llama_server:  # its GGUF has no CPM tokenizer: the same prompts go in as CPM token ids
         from cpm_deploy.runtime import CPMTokenizer
-        from cpm_deploy.runtime.tokenizer import DEFAULT_VOCAB
+        from cpm_deploy.runtime.text.tokenizer import DEFAULT_VOCAB
 
         label, _, url = spec.partition("=")
         tok = CPMTokenizer(DEFAULT_VOCAB)

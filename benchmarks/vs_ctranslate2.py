@@ -110,7 +110,7 @@ def main() -> None:
     from cpm_deploy.exporter import ExportOptions, export_bundle
     from cpm_deploy.exporter.checkpoint_tools import write_random_checkpoint
     from cpm_deploy.exporter.config import CPMConfig
-    from cpm_deploy.runtime.tokenizer import DEFAULT_VOCAB
+    from cpm_deploy.runtime.text.tokenizer import DEFAULT_VOCAB
 
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)

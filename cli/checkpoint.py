@@ -41,7 +41,7 @@ def random(preset, out, seed, tokenizer, overwrite, quiet):
     from ..exporter.checkpoint_tools import write_random_checkpoint
     from ..exporter.config import CPMConfig
     from ..exporter.staging import OutputExistsError
-    from ..runtime.tokenizer import DEFAULT_VOCAB
+    from ..runtime.text.tokenizer import DEFAULT_VOCAB
 
     cfg = CPMConfig.from_preset(preset)
     tokenizer = tokenizer or DEFAULT_VOCAB

@@ -67,11 +67,11 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
     """
     setup_logging()
     from ..runtime import BundleError, CPMGenerator, GenerationError, ProviderError, SamplingConfig
-    from ..runtime.generator import check_choices
-    from ..runtime.tensorrt_versions import TensorRTVersionError
-    from ..runtime.cuda import CudaUnavailable
-    from ..runtime.sampling import NonFiniteLogits
-    from ..runtime.tensorrt_decoder import EngineError
+    from ..runtime.generation.generator import check_choices
+    from ..runtime.backends.tensorrt_versions import TensorRTVersionError
+    from ..runtime.backends.cuda import CudaUnavailable
+    from ..runtime.generation.sampling import NonFiniteLogits
+    from ..runtime.backends.tensorrt_decoder import EngineError
 
     errors = (BundleError, GenerationError, ProviderError, ValueError, FileNotFoundError, CudaUnavailable,
               TensorRTVersionError, EngineError, NonFiniteLogits)
@@ -121,7 +121,7 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
 
 
 def _benchmark(gen, prompt, lengths, cfg):
-    from ..runtime.benchmark import measure
+    from ..runtime.generation.benchmark import measure
 
     req = gen.prepare([prompt], lengths["max_length"], lengths["max_new_tokens"], lengths["truncate_prompt"])
     r = measure(gen, req.prompts[0], req.max_new_tokens, cfg)

@@ -65,7 +65,7 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tok
     except ImportError as e:
         raise click.ClickException(f"serving needs the [serve] extra (pip install 'cpm-deploy[serve]'): {e}") from None
     from ..runtime import BundleError, Bundle
-    from ..runtime.memory import MemoryBudgetError
+    from ..runtime.system.memory import MemoryBudgetError
 
     with user_errors(BundleError):  # mistakes fail here, before the port opens
         b = Bundle.open(bundle, verify=False)

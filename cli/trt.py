@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..runtime.bundle import GENERATION_GRAPH
+from ..runtime.bundle.reader import GENERATION_GRAPH
 from .common import stage_progress, user_errors
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -37,7 +37,7 @@ def preflight(bundle, version, graph):
       cpm-trt preflight ./cpm-bundle --tensorrt 8.6.1
     """
     from ..optimize.tensorrt.preflight import preflight as run
-    from ..runtime.bundle import Bundle, BundleError
+    from ..runtime.bundle.reader import Bundle, BundleError
 
     with user_errors(BundleError, FileNotFoundError):
         b = Bundle.open(bundle, verify=False)
@@ -91,9 +91,9 @@ def build(bundle, max_batch, max_prompt, max_total, workspace, cc, dry_run, as_j
     """
     from ..optimize.tensorrt.build import BuildError, build_into_bundle
     from ..optimize.tensorrt.plan import PlanError, make_plan
-    from ..runtime.tensorrt_versions import TensorRTVersionError
-    from ..runtime.bundle import Bundle, BundleError
-    from ..runtime.cuda import CudaUnavailable
+    from ..runtime.backends.tensorrt_versions import TensorRTVersionError
+    from ..runtime.bundle.reader import Bundle, BundleError
+    from ..runtime.backends.cuda import CudaUnavailable
 
     with user_errors(BundleError, PlanError):
         b = Bundle.open(bundle, verify=not dry_run)

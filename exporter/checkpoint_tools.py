@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..runtime.tokenizer import DEFAULT_VOCAB
+from ..runtime.text.tokenizer import DEFAULT_VOCAB
 from .config import CPMConfig
 from .hf_format import save_hf_folder
 from .load import load_checkpoint

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..runtime.manifest import first_problem
+from ..runtime.bundle.manifest import first_problem
 
 log = logging.getLogger("cpm_deploy")
 

@@ -17,10 +17,10 @@ import onnx
 from .. import __version__
 from ..optimize import score_graph, variants
 from ..optimize.quantize import BLOCK_SIZE
-from ..runtime.bundle import (BASE_DATA, FORMAT, FORMAT_VERSION, FULL_GRAPH, GENERATION_GRAPH, HF_CONFIG, MANIFEST,
+from ..runtime.bundle.reader import (BASE_DATA, FORMAT, FORMAT_VERSION, FULL_GRAPH, GENERATION_GRAPH, HF_CONFIG, MANIFEST,
                               sha256_file)
-from ..runtime.session import OnnxRuntimeRunner, SharedKVRunner
-from ..runtime.tokenizer import DEFAULT_VOCAB, CPMTokenizer
+from ..runtime.backends.session import OnnxRuntimeRunner, SharedKVRunner
+from ..runtime.text.tokenizer import DEFAULT_VOCAB, CPMTokenizer
 from .config import ConfigError
 from .external_data import ExternalDataWriter
 from .load import load_checkpoint

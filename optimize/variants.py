@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from ..runtime.bundle import BASE_DATA, GENERATION_GRAPH
+from ..runtime.bundle.reader import BASE_DATA, GENERATION_GRAPH
 from .fuse import fuse_for_ort
 from .fusions import tied_head_matmul
 from .precision import to_fp16

@@ -5,11 +5,11 @@
     gen("清华大学", max_length=50, do_sample=True, top_p=0.9)
 """
 
-from .bundle import Bundle, BundleError
-from .generator import CPMGenerator, GenerationError
-from .sampling import SamplingConfig
-from .session import ProviderError
-from .tokenizer import CPMTokenizer, StreamDecoder
+from .bundle.reader import Bundle, BundleError
+from .generation.generator import CPMGenerator, GenerationError
+from .generation.sampling import SamplingConfig
+from .backends.session import ProviderError
+from .text.tokenizer import CPMTokenizer, StreamDecoder
 
 __all__ = ["Bundle", "BundleError", "CPMGenerator", "CPMTokenizer", "GenerationError", "ProviderError",
            "SamplingConfig", "StreamDecoder"]

@@ -46,7 +46,7 @@ class ServerConfig:
     def check_memory(self) -> None:
         """Refuse a pool that would not fit next to the weights (MemoryBudgetError names what fits)."""
         from ..runtime import Bundle
-        from ..runtime.memory import serving_memory
+        from ..runtime.system.memory import serving_memory
 
         bundle = Bundle.open(self.bundle, verify=False)
         name = self.graph or bundle.default_graph

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import CPMGenerator, GenerationError, SamplingConfig
-from ..runtime.sampling import next_tokens
+from ..runtime.generation.sampling import next_tokens
 from .metrics import EngineMetrics
 from .sequence import EngineError, Event, QueueFull, Request, Sequence, State, make_sequences
 

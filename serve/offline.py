@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from ..runtime import CPMGenerator, GenerationError
-from ..runtime.generator import check_choices, sampling_keywords
+from ..runtime.generation.generator import check_choices, sampling_keywords
 from . import completions
 from .engine import Engine, RequestError
 from .offline_formats import LENGTH_KEYS, Line, batch_record, generation_record, line_key, record_key

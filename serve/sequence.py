@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..runtime.sampling import SamplingConfig
-from ..runtime.text_stream import TextStream
+from ..runtime.generation.sampling import SamplingConfig
+from ..runtime.text.text_stream import TextStream
 
 
 class EngineError(RuntimeError):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cpm_deploy.runtime.tokenizer import DEFAULT_VOCAB
+from cpm_deploy.runtime.text.tokenizer import DEFAULT_VOCAB
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -14,7 +14,7 @@ from cpm_deploy.cli.export import main as export_cli
 from cpm_deploy.cli.run import main as run_cli
 from cpm_deploy.exporter import CheckpointError, ConfigError, load_checkpoint
 from cpm_deploy.runtime import Bundle, BundleError, CPMGenerator, GenerationError
-from cpm_deploy.runtime.onnx_external import OnnxFormatError, external_data_locations
+from cpm_deploy.runtime.bundle.onnx_external import OnnxFormatError, external_data_locations
 
 
 @pytest.fixture

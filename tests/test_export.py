@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from cpm_deploy.cli.export import main as export_cli
 from cpm_deploy.exporter import ExportOptions, export_bundle
-from cpm_deploy.runtime.bundle import Bundle, BundleError
+from cpm_deploy.runtime.bundle.reader import Bundle, BundleError
 
 
 def test_bundle_manifest_and_checksums(tiny_bundle, tiny_cfg):
@@ -150,7 +150,7 @@ def test_generation_graph_shares_the_weights(tiny_bundle, tiny_cfg):
     assert last["parity"]["passed"] and last["parity"]["logits_max_abs_diff"] < 1e-4
     assert sorted(f for f in m["files"] if f.endswith(".data")) == ["decoder.onnx.data"]
 
-    from cpm_deploy.runtime.session import OnnxRuntimeRunner
+    from cpm_deploy.runtime.backends.session import OnnxRuntimeRunner
 
     feeds = {"input_ids": np.array([[5, 6, 7, 8]], np.int64), "attention_mask": np.ones((1, 4), np.int64),
              "position_ids": np.arange(4, dtype=np.int64)[None]}

@@ -8,7 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from cpm_deploy.runtime import CPMGenerator, huge_pages
+from cpm_deploy.runtime import CPMGenerator
+from cpm_deploy.runtime.system import huge_pages
 
 MIB = 1 << 20
 

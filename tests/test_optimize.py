@@ -14,7 +14,7 @@ from cpm_deploy.optimize.fuse import FusionError, fuse_for_ort
 from cpm_deploy.optimize.precision import range_report
 from cpm_deploy.runtime import Bundle, CPMGenerator
 from cpm_deploy.runtime.eval.metrics import log_softmax, next_token_logits, perplexity
-from cpm_deploy.runtime.session import SharedKVRunner
+from cpm_deploy.runtime.backends.session import SharedKVRunner
 
 from conftest import corpus_lines
 

@@ -13,8 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cpm_deploy.cli.export import main as export_cli
 from cpm_deploy.optimize.quantize import fold_bias, per_column_int8, quantize_matmuls
-from cpm_deploy.runtime import Bundle, BundleError, CPMGenerator, decoder as decoder_module
-from cpm_deploy.runtime import session as session_module
+from cpm_deploy.runtime import Bundle, BundleError, CPMGenerator
+from cpm_deploy.runtime.backends import ort_decoder as decoder_module
+from cpm_deploy.runtime.backends import session as session_module
 
 RNG = np.random.default_rng(0)
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cpm_deploy.runtime.sampling import (PICK_BLOCK, NonFiniteLogits, SamplingConfig, _pick, apply_openai_penalties,
+from cpm_deploy.runtime.generation.sampling import (PICK_BLOCK, NonFiniteLogits, SamplingConfig, _pick, apply_openai_penalties,
                                          apply_repetition_penalty, kept_tokens, next_tokens)
 
 

@@ -12,7 +12,7 @@ from conftest import corpus_lines
 from cpm_deploy.cli.eval import main as eval_cli
 from cpm_deploy.runtime import Bundle
 from cpm_deploy.runtime.eval import classify, encode_examples, load_task, open_scorer, shard
-from cpm_deploy.runtime.onnx_external import external_data_locations
+from cpm_deploy.runtime.bundle.onnx_external import external_data_locations
 from test_eval_method import write_labelled
 
 @pytest.fixture(scope="module")

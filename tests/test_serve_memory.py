@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from cpm_deploy.runtime import Bundle
-from cpm_deploy.runtime.memory import HEADROOM, RESERVE, MemoryBudgetError, serving_memory
+from cpm_deploy.runtime.system.memory import HEADROOM, RESERVE, MemoryBudgetError, serving_memory
 
 
 def test_weights_and_pool_are_counted_from_the_bundle(trained_bundle):
@@ -26,7 +26,7 @@ def test_a_pool_too_large_is_refused_with_settings_that_fit(trained_bundle, monk
     m = serving_memory(b, "cpu-fp32")
     capacity = b.config["n_positions"]
     budget = int((m.weights + m.pool(3, capacity)) * HEADROOM) + RESERVE  # room for 3 sequences
-    monkeypatch.setattr("cpm_deploy.runtime.memory.available_bytes", lambda: budget)
+    monkeypatch.setattr("cpm_deploy.runtime.system.memory.available_bytes", lambda: budget)
     monkeypatch.setattr("cpm_deploy.serve.app.run", lambda *a, **k: pytest.fail("started a server that cannot fit"))
     r = CliRunner().invoke(serve_cli, [str(trained_bundle), "-g", "cpu-fp32", "--max-batch", "16"])
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
@@ -39,6 +39,6 @@ def test_a_pool_too_large_is_refused_with_settings_that_fit(trained_bundle, monk
 
 
 def test_nothing_fits_says_so(trained_bundle, monkeypatch):
-    monkeypatch.setattr("cpm_deploy.runtime.memory.available_bytes", lambda: RESERVE)
+    monkeypatch.setattr("cpm_deploy.runtime.system.memory.available_bytes", lambda: RESERVE)
     with pytest.raises(MemoryBudgetError, match="not even one sequence fits"):
         serving_memory(Bundle.open(trained_bundle, verify=False), "cpu-fp32").check(1, 1024, "x")

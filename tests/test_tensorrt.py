@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import fake_tensorrt
 from cpm_deploy.cli.trt import main as trt_cli
-from cpm_deploy.runtime import tensorrt_versions as versions
+from cpm_deploy.runtime.backends import tensorrt_versions as versions
 from cpm_deploy.optimize.tensorrt.build import BuildError, build_into_bundle
 from cpm_deploy.optimize.tensorrt.plan import PlanError, check_profile, make_plan
 from cpm_deploy.optimize.tensorrt.preflight import preflight
@@ -176,7 +176,7 @@ def _gpu_and_tensorrt():
     try:
         import tensorrt  # noqa: F401
 
-        from cpm_deploy.runtime.cuda import device
+        from cpm_deploy.runtime.backends.cuda import device
         return device()
     except Exception:  # noqa: BLE001 - any failure means: not here
         return None

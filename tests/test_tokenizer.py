@@ -143,7 +143,7 @@ def test_every_package_folder_is_installed():
 
 
 def test_the_shipped_vocabulary_is_cpms():
-    from cpm_deploy.runtime.verified import sha256_file
+    from cpm_deploy.runtime.bundle.verified import sha256_file
 
     assert sha256_file(REAL_VOCAB) == "25c1d178d54901291c1735cd2ae0788be90df4de01fb445e8a8a998cab35ba43"
     shared = SHARED / "cpm-vocab" / "chinese_vocab.model"

@@ -29,7 +29,7 @@ def train(vocab_file: Path, lines: list[str], out: Path, recipe: dict | None = N
     from cpm_deploy.exporter.config import CPMConfig
     from cpm_deploy.exporter.hf_format import save_hf_folder
     from cpm_deploy.exporter.state_dict import build_model, random_tensors
-    from cpm_deploy.runtime.tokenizer import CPMTokenizer
+    from cpm_deploy.runtime.text.tokenizer import CPMTokenizer
 
     r = RECIPE | (recipe or {})
     tok = CPMTokenizer(vocab_file)

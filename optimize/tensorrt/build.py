@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ...runtime.cuda import device, import_tensorrt
+from ...runtime.backends.cuda import device, import_tensorrt
 from .plan import BuildPlan
-from ...runtime.tensorrt_versions import check_build, parse
+from ...runtime.backends.tensorrt_versions import check_build, parse
 
 
 class BuildError(RuntimeError):
@@ -124,7 +124,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def build_into_bundle(bundle_dir: Path, plan: BuildPlan, progress=None, trt=None, gpu=None) -> dict:
     """Build, then record the engine and its timing cache in the bundle's manifest (with checksums)."""
-    from ...runtime.bundle import file_entry, update_manifest
+    from ...runtime.bundle.reader import file_entry, update_manifest
 
     meta = build_engine(plan, progress, trt, gpu)
     key = plan.engine.stem

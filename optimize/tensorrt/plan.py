@@ -8,7 +8,7 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ...runtime.bundle import GENERATION_GRAPH as GRAPH  # standard ops, last position; fp32 in, fp16 by the builder
+from ...runtime.bundle.reader import GENERATION_GRAPH as GRAPH  # standard ops, last position; fp32 in, fp16 by the builder
 FP32_OP_TYPES = ("LayerNormalization", "Softmax")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from ...runtime.tensorrt_versions import max_opset
+from ...runtime.backends.tensorrt_versions import max_opset
 
 TABLE = Path(__file__).with_name("onnx_trt_ops.json")
 # TensorRT's tensor types (the parser rejects the rest: strings, doubles beyond a down-cast, uint64 ...)

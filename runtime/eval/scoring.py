@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import Bundle, BundleError
-from ..decoder import kv_buffers, prompt_feeds
-from ..padding import right_pad
-from ..session import create_session
-from ..tokenizer import CPMTokenizer
+from ..bundle.reader import Bundle, BundleError
+from ..backends.ort_decoder import kv_buffers, prompt_feeds
+from ..backends.padding import right_pad
+from ..backends.session import create_session
+from ..text.tokenizer import CPMTokenizer
 from .metrics import continuation_logprobs
 
 TOKENS_PER_PASS = 256
@@ -187,7 +187,7 @@ def open_scorer(path: str | Path, graph: str | None = None, method: str = "auto"
                               "them): re-export the bundle, or score step by step")
         log.warning("graph %s has no scoring graph (an older export): scoring one decode step per token, "
                     "many times slower; re-export the bundle for one-pass scoring", name)
-    from ..generator import CPMGenerator  # a decoder of any backend, opened as generation opens it
+    from ..generation.generator import CPMGenerator  # a decoder of any backend, opened as generation opens it
 
     gen = CPMGenerator.from_bundle(path, provider, threads, verify, graph, backend)
     rows = min(batch, getattr(gen.decoder, "max_batch", batch))  # a TensorRT engine's batch profile

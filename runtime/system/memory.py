@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import Bundle
+from ..bundle.reader import Bundle
 
 HEADROOM = 1.15  # onnxruntime's arenas, activations, Python: what the weights and the pool leave out
 RESERVE = 512 << 20  # and a little for everything else on the machine

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .padding import left_pad
+from ..backends.padding import left_pad
 
 log = logging.getLogger("cpm_deploy")
 

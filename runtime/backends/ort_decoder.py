@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import huge_pages
+from ..system import huge_pages
 from .kv_pool import KVPool
 from .padding import left_pad, right_pad
 from .session import create_session

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle
-from .decoder import open_decoder
+from ..bundle.reader import Bundle
+from ..backends.ort_decoder import open_decoder
 from .sampling import SamplingConfig, next_tokens
-from .text_stream import TextStream, cut_at_stop
-from .tokenizer import CPMTokenizer, TokenizerError
+from ..text.text_stream import TextStream, cut_at_stop
+from ..text.tokenizer import CPMTokenizer, TokenizerError
 
 DEFAULT_NEW_TOKENS = 50
 
@@ -197,8 +197,8 @@ class CPMGenerator:
 
 
 def _tensorrt_decoder(bundle: Bundle, verify: bool):
-    from .cuda import device
-    from .tensorrt_decoder import TensorRTDecoder
+    from ..backends.cuda import device
+    from ..backends.tensorrt_decoder import TensorRTDecoder
 
     engines = bundle.manifest.get("engines", {})
     if not engines:
