@@ -19,31 +19,22 @@ from ..optimize import score_graph, variants
 from ..optimize.quantize import BLOCK_SIZE
 from ..runtime.bundle.reader import (BASE_DATA, FORMAT, FORMAT_VERSION, FULL_GRAPH, GENERATION_GRAPH, HF_CONFIG, MANIFEST,
                               sha256_file)
-from ..runtime.backends.session import OnnxRuntimeRunner, SharedKVRunner
+from ..runtime.backends.session import OnnxRuntimeRunner
 from ..runtime.text.tokenizer import DEFAULT_VOCAB, CPMTokenizer
 from .config import ConfigError
 from .external_data import ExternalDataWriter
 from .load import load_checkpoint
 from .onnx_graph import DIMS, build_decoder, io_spec, nodes_per_layer
 from .staging import check_output, staged_dir
-from .verify import CASES, reference, run_parity, score_parity
-
-SHARED_KV_CAPACITY = 32  # >= the longest verification case (past 9 + 17)
+from .errors import ParityError
+from .quality import QualityGate
+from .verify import CASES, reference, run_parity
 
 # (manifest key, file, last_logits_only): the HF-contract graph, and the one generation uses
 GRAPHS = (("decoder", FULL_GRAPH, False), ("decoder_last", GENERATION_GRAPH, True))
 
 # stage name, done, total
 ProgressFn = Callable[[str, int, int], None]
-
-
-class ParityError(RuntimeError):
-    def __init__(self, report: dict, what: str | None = None):
-        self.report = report
-        bad = [c for c in report["cases"] if not c["passed"]]
-        what = what or (f"parity check failed on {len(bad)} of {len(report['cases'])} cases "
-                        f"(logits max abs diff {report['logits_max_abs_diff']:.3g}, atol {report['atol']}, rtol {report['rtol']})")
-        super().__init__(f"{what}; no bundle was written")
 
 
 @dataclass(frozen=True)
@@ -117,8 +108,9 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
         _verify_base_graphs(tmp, graphs, expected, options, step)
         t_verify = time.perf_counter()
         ranges = _fp16_ranges(tmp, expected, tokenizer, step) if any(p == "fp16" for _, p in options.variants) else None
-        _build_variants(tmp, graphs, cfg.n_layer, expected, options, step)
-        _add_score_graphs(tmp, graphs, cfg.to_dict(), expected, tokenizer, options, step)
+        gate = QualityGate(tmp, cfg.to_dict(), expected, options.max_kl, options.fallback, options.threads)
+        _build_variants(tmp, graphs, cfg.n_layer, gate, options, step)
+        _add_score_graphs(tmp, graphs, gate, tokenizer, options, step)
         t_variants = time.perf_counter()
 
         tok_entry = _copy_tokenizer(tokenizer, tmp)
@@ -197,34 +189,29 @@ def _build_order(options: ExportOptions) -> list[tuple[str, str]]:
     return order
 
 
-def _build_variants(folder: Path, graphs: dict, n_layer: int, expected, options: ExportOptions, step) -> None:
+def _build_variants(folder: Path, graphs: dict, n_layer: int, gate: QualityGate, options: ExportOptions, step) -> None:
     for target, precision in _build_order(options):
         key = f"{target}-{precision}"
         step(f"variant {key}", 0, 2)
         prefill = _int8_prefill(graphs) if key == "cpu-int4" and options.int4_prefill else None
-        variant = variants.build(folder, target, precision, n_layer, prefill=prefill,
-                                 int4_block_size=options.int4_block_size)
+
+        def build(keep=None):
+            return variants.build(folder, target, precision, n_layer, keep=keep, prefill=prefill,
+                                  int4_block_size=options.int4_block_size)
+
+        variant = build()
         step(f"variant {key}", 1, 2)
-        graphs[key] = variant.manifest_entry()
         same_file = next((g for g in graphs.values() if g["file"] == variant.file and "parity" in g), None)
-        graphs[key]["parity"] = same_file["parity"] if same_file else _verify_variant(folder, variant, expected, options)
+        entry = gate.entry(variant, same_file["parity"] if same_file else None)
         step(f"variant {key}", 2, 2)
-        if variants.passes_gate(graphs[key]["parity"], precision, options.max_kl):
-            continue
-        plain = graphs[key]["parity"]
-        held = None
-        if precision in ("int8", "int4") and options.fallback:
-            held = _hold_back(folder, variant, plain, n_layer, expected, options,
-                              lambda d: step(f"{key}: holding back", d, d + 1), prefill)
-        if held is None:
-            raise ParityError(plain, _miss_message(_label(key, options), precision, plain, options))
-        graphs[key] = held
+        graphs[key] = gate.enforce(key, _label(key, options), variant, entry, build,
+                                   lambda d: step(f"{key}: holding back", d, d + 1))
     for key in dict.fromkeys(f"{t}-{p}" for t, p in [*options.variants, ("cpu", "int8")]):  # as asked, then int8
         if key in graphs:
             graphs[key] = graphs.pop(key)
 
 
-def _add_score_graphs(folder: Path, graphs: dict, config: dict, expected, tokenizer: Path, options: ExportOptions,
+def _add_score_graphs(folder: Path, graphs: dict, gate: QualityGate, tokenizer: Path, options: ExportOptions,
                       step) -> None:
     """Each CPU shared-KV graph's scoring twin (cpm-eval's one pass), checked against the reference
     through the runtime scorer that will run it."""
@@ -236,14 +223,9 @@ def _add_score_graphs(folder: Path, graphs: dict, config: dict, expected, tokeni
             continue
         step(f"score graph {key}", 0, 1)
         file = score_graph.build(folder, entry["file"])
-        scorer = OnePassScorer(folder / file, tok, config, key, 8, threads=options.threads)
-        report = score_parity(expected, scorer.logprobs, variants.SCORE_GATES[entry["precision"]])
+        scorer = OnePassScorer(folder / file, tok, gate.config, key, 8, threads=options.threads)
+        report = gate.check_score(key, entry["precision"], scorer.logprobs)
         del scorer
-        if not report["passed"]:
-            (what, limit), = report["gate"].items()
-            raise variants.VariantError(f"the scoring graph of {key} misses its gate: log-probabilities "
-                                        f"{what.replace('_', ' ')} {report[f'logprobs_{what}']:.3g} > {limit:g}; "
-                                        "no bundle was written")
         entry["score"] = {"file": file, "data": entry["data"], "parity": report}
         step(f"score graph {key}", 1, 1)
 
@@ -257,71 +239,6 @@ def _int8_prefill(graphs: dict) -> variants.Variant:
     """The built (and gated) cpu-int8 graph, as cpu-int4's prompt graph."""
     g = graphs["cpu-int8"]
     return variants.Variant("cpu-int8", "cpu", "int8", g["file"], g["data"], g["kv_cache"], {}, {})
-
-
-def _max_kl(precision: str, options: ExportOptions) -> float:
-    return options.max_kl if options.max_kl is not None else variants.GATES[precision]["max_mean_kl"]
-
-
-def _miss_message(key: str, precision: str, report: dict, options: ExportOptions, best: float | None = None) -> str:
-    gate = variants.GATES[precision]
-    if "max_mean_kl" not in gate:
-        return f"{key} misses its gate {gate} (logits max |Δ| {report['logits_max_abs_diff']:.3g})"
-    limit = _max_kl(precision, options)
-    tried = ("" if precision not in ("int8", "int4") else
-             "; --no-fallback was given" if not options.fallback else
-             f"; holding every MatMul back (fp32 activations, int8 weights, fp32) reached at best mean KL {best:.3g}"
-             if best is not None else "")
-    return (f"{key} misses its gate: mean KL {report['mean_kl']:.3g} > {limit:g} (top-1 {report['top1_agreement']:.0%})"
-            f"{tried}; export a higher precision, or accept a looser gate with --max-kl "
-            f"{max(report['mean_kl'], best or 0) * 1.5:.2g}")
-
-
-def _hold_back(folder: Path, plain, plain_report: dict, n_layer: int, expected, options: ExportOptions,
-               progress, prefill=None) -> dict:
-    """The plain variant missed: find the MatMuls to hold back (exporter/quality.py), rebuild, report."""
-    from .quality import Search, fit_to_gate
-
-    cost = {"plain_data_bytes": (folder / plain.data).stat().st_size, "plain_step_ms": _step_ms(folder, plain, expected),
-            "plain_mean_kl": plain_report["mean_kl"]}
-    matmuls = variants.quantized_matmuls(folder, plain)
-
-    def rebuild(keep):
-        return variants.build(folder, plain.target, plain.precision, n_layer, keep=keep, prefill=prefill,
-                              int4_block_size=options.int4_block_size)
-
-    def evaluate(keep):
-        progress(len(search.tried))
-        return _verify_variant(folder, rebuild(keep), expected, options)["mean_kl"]
-
-    search = Search(evaluate, _max_kl(plain.precision, options))
-    keep = fit_to_gate(plain.precision, matmuls, search)
-    if keep is None:
-        raise ParityError(plain_report, _miss_message(_label(f"{plain.target}-{plain.precision}", options),
-                                                      plain.precision, plain_report, options, search.best_kl))
-    final = rebuild(keep)
-    entry = final.manifest_entry()
-    entry["parity"] = _verify_variant(folder, final, expected, options)
-    entry["held_back"] = {**cost, "kept": keep, "builds": len(search.tried) + 1,
-                          "data_bytes": (folder / final.data).stat().st_size, "step_ms": _step_ms(folder, final, expected)}
-    if options.max_kl is not None:
-        entry["gate"] = {"max_mean_kl": options.max_kl}
-    return entry
-
-
-def _step_ms(folder: Path, variant, expected, repeats: int = 10) -> float:
-    """Median time of one decode step at batch 1 (the b1_s1_p9 case), for the cost report."""
-    from .verify import shared_kv_inputs
-
-    case = next(e for e in expected if e.case.batch == 1 and e.case.seq == 1)
-    feeds, past = shared_kv_inputs(case, SHARED_KV_CAPACITY)[:2]
-    runner = SharedKVRunner(folder / variant.file, threads=1)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        runner.infer(feeds, {k: v.copy() for k, v in past.items()})
-        times.append(time.perf_counter() - t0)
-    return round(1000 * sorted(times)[len(times) // 2], 3)
 
 
 def _check_vocabularies(tokenizer: Path, model_vocab: int) -> None:
@@ -343,20 +260,6 @@ def _copy_tokenizer(tokenizer: Path, folder: Path) -> dict:
         shutil.copyfile(vocab, folder / "vocab.json")
         entry["vocab"] = "vocab.json"
     return entry
-
-
-def _verify_variant(folder: Path, variant, expected, options: ExportOptions) -> dict:
-    gate = variants.GATES[variant.precision]
-    atol, rtol = gate.get("atol", float("inf")), gate.get("rtol", 0.0)
-    if variant.kv_cache == "shared":
-        prefill = folder / variant.prefill["file"] if variant.prefill else None
-        runner = SharedKVRunner(folder / variant.file, threads=options.threads, prefill_path=prefill)
-        report = run_parity(expected, runner.infer, atol, rtol, shared_kv_capacity=SHARED_KV_CAPACITY)
-    else:
-        runner = OnnxRuntimeRunner(folder / variant.file, threads=options.threads)
-        report = run_parity(expected, runner.infer, atol, rtol)
-    # a KL-gated variant passes case by case on its KL, so a parity table marks its misses
-    return report if "atol" in gate else variants.mark_kl_misses(report, _max_kl(variant.precision, options))
 
 
 SAMPLE_TEXT = ["清华大学是中国著名的高等学府，位于北京市海淀区。", "今天天气很好，我们一起去公园散步吧。",

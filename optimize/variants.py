@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from .errors import OptimizeError
 from ..runtime.bundle.reader import BASE_DATA, GENERATION_GRAPH
 from .fuse import fuse_for_ort
 from .fusions import tied_head_matmul
@@ -26,25 +27,7 @@ from .precision import to_fp16
 from .quantize import BLOCK_SIZE, BLOCK_SIZES, QUANTIZED_OPS, SUFFIX, fold_bias, quantize_matmuls
 
 TARGETS = {"cpu": ("fp32", "int8", "int4"), "cuda": ("fp32", "fp16"), "trt": ("fp32", "fp16")}
-# Verification gates against the fp32 PyTorch reference. fp32 is held elementwise; reduced
-# precisions by the mean KL divergence of their next-token distributions (top-1 agreement is
-# reported but not gated: on random weights the distributions are nearly flat and top-1 is a
-# coin toss, while KL stays meaningful at any sharpness).
-GATES = {
-    "fp32": {"atol": 1e-3, "rtol": 1e-3},
-    "fp16": {"max_mean_kl": 1e-3},
-    "int8": {"max_mean_kl": 1e-2},
-    "int4": {"max_mean_kl": 1e-1},
-}
-
-# Scoring graphs (score_graph.py) against the reference's log-probabilities: fp32 elementwise, as
-# generation; reduced precisions are held by their generation graph's KL gate, and their twin's mean
-# gap only catches a broken rewrite (a few outlier positions of a held-back model reach 1-2 nats).
-SCORE_GATES = {"fp32": {"max_abs_diff": 1e-3}, "fp16": {"mean_abs_diff": 0.5}, "int8": {"mean_abs_diff": 0.5},
-               "int4": {"mean_abs_diff": 1.0}}
-
-
-class VariantError(ValueError):
+class VariantError(OptimizeError, ValueError):
     pass
 
 
@@ -64,8 +47,7 @@ class Variant:
 
     def manifest_entry(self) -> dict:
         entry = {"file": self.file, "data": self.data, "target": self.target, "precision": self.precision,
-                 "kv_cache": self.kv_cache, "logits": "last", "fusions": self.fusions, "ops": self.ops,
-                 "gate": GATES[self.precision]}
+                 "kv_cache": self.kv_cache, "logits": "last", "fusions": self.fusions, "ops": self.ops}
         return (entry | ({"block_size": self.block_size} if self.block_size else {})
                 | ({"kept": self.kept} if self.kept else {}) | ({"prefill": self.prefill} if self.prefill else {}))
 
@@ -145,18 +127,3 @@ def quantized_matmuls(folder: Path, variant: Variant) -> list[str]:
     """The MatMuls a built int8/int4 variant quantized, by their names before quantization."""
     model = onnx.load(str(folder / variant.file), load_external_data=False)
     return [n.name.rsplit(SUFFIX, 1)[0] for n in model.graph.node if n.op_type in QUANTIZED_OPS]
-
-
-def passes_gate(report: dict, precision: str, max_kl: float | None = None) -> bool:
-    gate = GATES[precision]
-    if "atol" in gate:
-        return report["passed"]
-    return report["mean_kl"] <= (gate["max_mean_kl"] if max_kl is None else max_kl)
-
-
-def mark_kl_misses(report: dict, max_kl: float) -> dict:
-    """A KL-gated report: each case passes by its own mean KL (the elementwise check is off)."""
-    for case in report["cases"]:
-        case["passed"] = case.get("mean_kl", float("inf")) <= max_kl
-    report["passed"] = all(c["passed"] for c in report["cases"])
-    return report

@@ -14,7 +14,7 @@ from cpm_deploy.optimize.fuse import FusionError, fuse_for_ort
 from cpm_deploy.optimize.precision import range_report
 from cpm_deploy.runtime import Bundle, CPMGenerator
 from cpm_deploy.runtime.eval.metrics import log_softmax, next_token_logits, perplexity
-from cpm_deploy.runtime.backends.session import SharedKVRunner
+from cpm_deploy.runtime.backends import open_decoder
 
 from conftest import corpus_lines
 
@@ -36,14 +36,14 @@ def test_pipeline_fuses_every_layer_and_matches_the_reference(tiny_bundle, tiny_
     ir.save(model, str(tiny_bundle / "scratch_fused.onnx"))  # beside its data file
     try:
         ops, proto = op_counts(tiny_bundle / "scratch_fused.onnx")
-        runner = SharedKVRunner(tiny_bundle / "scratch_fused.onnx")
+        decoder = open_decoder(tiny_bundle / "scratch_fused.onnx", tiny_model.config.to_dict(), "shared")
     finally:
         (tiny_bundle / "scratch_fused.onnx").unlink()
     assert ops["GroupQueryAttention"] == L and ops["SkipLayerNormalization"] == 2 * L and ops["FastGelu"] == L
     assert not {"Softmax", "Where", "Range", "Split"} & set(ops)
     names = [i.name for i in proto.graph.input]
     assert "attention_mask" not in names and {"seqlens_k", "total_sequence_length", "query_seqlens"} <= set(names)
-    report = run_parity([reference(tiny_model, c) for c in CASES], runner.infer, 1e-3, 1e-3, shared_kv_capacity=32)
+    report = run_parity([reference(tiny_model, c) for c in CASES], decoder.infer, 1e-3, 1e-3, shared_kv_capacity=32)
     assert report["passed"] and report["top1_agreement"] == 1.0
 
 
