@@ -9,18 +9,20 @@ GPU, no TensorRT there): its tests skip without them.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import CPMError
 from .tensorrt_versions import check_runtime
 from .cuda import check, cudart, device, import_tensorrt
 from .padding import left_pad
 
 
-class EngineError(RuntimeError):
-    pass
+class TensorRTEngineError(CPMError, RuntimeError):
+    """A TensorRT plan this GPU or TensorRT cannot run."""
 
 
 @dataclass
@@ -42,7 +44,7 @@ class TensorRTDecoder:
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
-            raise EngineError(f"TensorRT could not load {Path(engine_path).name}; rebuild it with `cpm-trt build`")
+            raise TensorRTEngineError(f"TensorRT could not load {Path(engine_path).name}; rebuild it with `cpm-trt build`")
         self.context = self.engine.create_execution_context()
         self.stream = check(self.rt.cudaStreamCreate())  # for cuda-python calls
         self.stream_handle = int(self.stream)  # TensorRT takes the raw handle
@@ -59,6 +61,9 @@ class TensorRTDecoder:
         self.io = {"input_ids": self._alloc(tokens), "attention_mask": self._alloc(tokens),
                    "position_ids": self._alloc(tokens), "logits": self._alloc(self.max_batch * self.vocab * 4)}
         self.profile = None
+
+    def own_graph_steps(self):
+        return nullcontext(self)  # one engine: every step is its own
 
     def _alloc(self, nbytes: int) -> int:
         return int(check(self.rt.cudaMalloc(nbytes)))
@@ -88,7 +93,7 @@ class TensorRTDecoder:
             self.context.set_tensor_address(present, self.kv[dst][i])
         self.context.set_tensor_address("logits", self.io["logits"])
         if not self.context.execute_async_v3(self.stream_handle):
-            raise EngineError("TensorRT execution failed")
+            raise TensorRTEngineError("TensorRT execution failed")
         logits = np.empty((B, 1, self.vocab), np.float32)
         check(self.rt.cudaMemcpyAsync(logits.ctypes.data, self.io["logits"], logits.nbytes,
                                       self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
@@ -98,7 +103,7 @@ class TensorRTDecoder:
     def prefill(self, rows: list[list[int]], capacity: int, pad_id: int = 0) -> tuple[np.ndarray, TrtState]:
         width = max(len(r) for r in rows)
         if len(rows) > self.max_batch or width > self.max_prompt or capacity > self.max_total:
-            raise EngineError(f"request (batch {len(rows)}, prompt {width}, total {capacity}) exceeds the engine's "
+            raise TensorRTEngineError(f"request (batch {len(rows)}, prompt {width}, total {capacity}) exceeds the engine's "
                               f"profiles (batch {self.max_batch}, prompt {self.max_prompt}, total {self.max_total}); "
                               "rebuild with larger --max-* limits")
         ids, mask, pos = left_pad(rows, pad_id)

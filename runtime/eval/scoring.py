@@ -18,7 +18,6 @@ tensor of a pass, and passes whose activations stay in the cores' caches run fas
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -151,8 +150,7 @@ class StepScorer(Scorer):
 
     def _score(self, prefixes, continuations):
         # cpu-int4 scores on its own 4-bit steps at any width, not on its int8 prompt graph
-        own = self.decoder.own_graph_steps() if hasattr(self.decoder, "own_graph_steps") else nullcontext()
-        with own:
+        with self.decoder.own_graph_steps():
             return continuation_logprobs(self.decoder, prefixes, continuations, self.tokenizer.pad_id)
 
 
@@ -190,5 +188,5 @@ def open_scorer(path: str | Path, graph: str | None = None, method: str = "auto"
     from ..generation.generator import CPMGenerator  # a decoder of any backend, opened as generation opens it
 
     gen = CPMGenerator.from_bundle(path, provider, threads, verify, graph, backend)
-    rows = min(batch, getattr(gen.decoder, "max_batch", batch))  # a TensorRT engine's batch profile
+    rows = min(batch, gen.decoder.max_batch or batch)  # a TensorRT engine's batch profile
     return StepScorer(gen.decoder, gen.tokenizer, gen.config, gen.graph_name, rows)
