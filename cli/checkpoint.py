@@ -40,12 +40,11 @@ def random(preset, out, seed, tokenizer, overwrite, quiet):
     setup_logging()
     from ..exporter.checkpoint_tools import write_random_checkpoint
     from ..exporter.config import CPMConfig
-    from ..exporter.staging import OutputExistsError
     from ..runtime.text.tokenizer import DEFAULT_VOCAB
 
     cfg = CPMConfig.from_preset(preset)
     tokenizer = tokenizer or DEFAULT_VOCAB
-    with user_errors(OutputExistsError), stage_progress({"w": f"writing {preset}"}, not quiet) as step:
+    with user_errors(), stage_progress({"w": f"writing {preset}"}, not quiet) as step:
         files = write_random_checkpoint(cfg, out, seed, tokenizer, overwrite, lambda d, n: step("w", d, n))
     click.echo(f"wrote {out} ({cfg.n_params / 1e6:,.0f}M parameters, {len(files)} weight file(s))")
 
@@ -69,10 +68,8 @@ def convert(src, out, num_heads, tokenizer, overwrite):
       cpm-checkpoint convert ./CPM-Generate ./CPM-Generate-hf
     """
     setup_logging()
-    from ..exporter import CheckpointError, ConfigError
     from ..exporter.checkpoint_tools import convert_to_hf
-    from ..exporter.staging import OutputExistsError
 
-    with user_errors(CheckpointError, ConfigError, OutputExistsError):
+    with user_errors():
         files = convert_to_hf(src, out, num_heads, tokenizer, overwrite)
     click.echo(f"wrote {out} ({len(files)} weight file(s))")

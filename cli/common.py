@@ -28,10 +28,13 @@ def setup_logging(verbose: bool = False) -> None:
 
 @contextlib.contextmanager
 def user_errors(*types: type[BaseException]):
-    """Turn the library's user-facing errors into one-line ClickExceptions (no traceback)."""
+    """Turn the library's user-facing errors (every CPMError, and ``types``) into one-line
+    ClickExceptions (no traceback)."""
+    from ..runtime.errors import CPMError
+
     try:
         yield
-    except types as e:
+    except (CPMError, *types) as e:
         raise click.ClickException(str(e)) from None
 
 

@@ -68,14 +68,13 @@ def main(bundle, task, data, candidates, seed, seq_length, split, graphs, backen
       cpm-eval ./cpm-bundle --task perplexity --data headlines.txt
     """
     setup_logging()
-    from ..runtime import BundleError, GenerationError, ProviderError
     from ..runtime.eval import (EvalDataError, classify, encode_examples, load_chid, load_task, open_scorer,
                                 perplexity_of_lines, summarize)
 
     path = report or Path(f"cpm-eval-{task}.json")
     if not os.access(path.absolute().parent, os.W_OK):  # found out now, not after hours of scoring
         raise click.ClickException(f"cannot write the report {path}: its folder is missing or not writable")
-    with user_errors(BundleError, EvalDataError, GenerationError, ProviderError, ValueError, FileNotFoundError):
+    with user_errors(ValueError, FileNotFoundError):
         if task == "perplexity":
             if not data.is_file():
                 raise EvalDataError(f"{data} is not a text file (one text per line)")

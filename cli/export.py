@@ -131,13 +131,12 @@ def main(src, out, tokenizer, opset, atol, rtol, target, precisions, variants_on
       cpm-export ./ckpt ./bundle-v100 --target trt -P fp16
     """
     setup_logging(verbose)
-    from ..exporter import CheckpointError, ConfigError, ExportOptions, ParityError, export_bundle
-    from ..exporter.staging import OutputExistsError
-    from ..optimize.fuse import FusionError
-    from ..optimize.variants import VariantError, check_request
+    from ..exporter import ExportOptions, ParityError, export_bundle
+    from ..runtime.errors import CPMError
+    from ..optimize.variants import check_request
 
     requested = tuple((target, p) for p in dict.fromkeys(precisions or ("fp32",)))
-    with user_errors(VariantError):
+    with user_errors():
         for t, p in requested:
             check_request(t, p)
     if int4_block_size != "32" and (target, "int4") not in requested:
@@ -148,11 +147,14 @@ def main(src, out, tokenizer, opset, atol, rtol, target, precisions, variants_on
                             int4_block_size=int(int4_block_size))
     console = Console()
     try:
-        with user_errors(CheckpointError, ConfigError, OutputExistsError, FileNotFoundError, FusionError, VariantError):
-            with stage_progress(STAGES, enabled=not quiet) as step:
-                manifest = export_bundle(src, out, options, step)
-    except ParityError as e:
+        with stage_progress(STAGES, enabled=not quiet) as step:
+            manifest = export_bundle(src, out, options, step)
+    except ParityError as e:  # the table first: which cases missed, by how much
         console.print(parity_table(e.report))
+        raise click.ClickException(str(e)) from None
+    except FileNotFoundError as e:
+        raise click.ClickException(str(e)) from None
+    except CPMError as e:
         raise click.ClickException(str(e)) from None
     console.print(parity_table(standard_graph(manifest)["parity"]))
     console.print(variants_table(manifest))

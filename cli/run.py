@@ -66,16 +66,10 @@ def main(bundle, prompt, max_new_tokens, max_length, do_sample, temperature, top
       cpm-run ./cpm-bundle "清华大学" --benchmark -n 128 --graph cpu-int4
     """
     setup_logging()
-    from ..runtime import BundleError, CPMGenerator, GenerationError, ProviderError, SamplingConfig
-    from ..runtime.generation.generator import check_choices
-    from ..runtime.backends.tensorrt_versions import TensorRTVersionError
-    from ..runtime.backends.cuda import CudaUnavailable
-    from ..runtime.generation.sampling import NonFiniteLogits
-    from ..runtime.backends.tensorrt_decoder import EngineError
+    from ..runtime import CPMGenerator, GenerationError, SamplingConfig
+    from ..runtime.generation.requests import check_choices
 
-    errors = (BundleError, GenerationError, ProviderError, ValueError, FileNotFoundError, CudaUnavailable,
-              TensorRTVersionError, EngineError, NonFiniteLogits)
-    with user_errors(*errors):
+    with user_errors(ValueError, FileNotFoundError):
         sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, seed=seed, stop=tuple(stop))
         SamplingConfig(**sampling)  # validate before the (slow) model load

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..serve.config import default
 from .common import setup_logging, user_errors
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -19,19 +20,19 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
               help="Address to listen on; anything but loopback exposes the model to the network.")
 @click.option("-p", "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
 @click.option("-g", "--graph", help="Graph of the bundle (a shared-KV one: cpu-fp32, cpu-int8, cpu-int4); default: the bundle's.")
-@click.option("-b", "--max-batch", type=click.IntRange(1, 256), default=16, show_default=True,
+@click.option("-b", "--max-batch", type=click.IntRange(1, 256), default=default("max_batch"), show_default=True,
               help="Sequences decoded together; the KV pool holds this many, allocated once.")
-@click.option("-q", "--max-queue", type=click.IntRange(0), default=64, show_default=True,
+@click.option("-q", "--max-queue", type=click.IntRange(0), default=default("max_queue"), show_default=True,
               help="Requests that may wait for a slot; beyond it the server answers 429 with Retry-After.")
 @click.option("--max-total", type=click.IntRange(2), help="Positions per sequence (prompt + new tokens) in the KV pool; "
               "default: the model's (1024). Lower it to shrink the pool.")
-@click.option("--prefill-tokens", type=click.IntRange(1), default=128, show_default=True,
+@click.option("--prefill-tokens", type=click.IntRange(1), default=default("prefill_tokens"), show_default=True,
               help="Prompt tokens prefilled per engine step (at least one request): lower starts a burst of "
                    "requests streaming sooner, higher raises prompt throughput.")
 @click.option("-t", "--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=default("timeout_s"), show_default=True,
               help="Seconds a request may take, queueing included.")
-@click.option("--drain", "drain_s", type=click.FloatRange(min=0), default=10, show_default=True,
+@click.option("--drain", "drain_s", type=click.FloatRange(min=0), default=default("drain_s"), show_default=True,
               help="On SIGTERM: seconds open requests get to finish before they are cancelled.")
 @click.option("--model-name", help="Model id in the API (default: the bundle folder's name).")
 @click.option("--api-key", envvar="CPM_SERVE_API_KEY", show_envvar=True,
@@ -61,13 +62,13 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tok
     setup_logging(verbose)
     logging.getLogger("cpm_deploy.serve").setLevel(logging.INFO)  # startup and failures, one line each
     try:
-        from ..serve.app import ServerConfig, run
+        from ..serve.app import run
     except ImportError as e:
         raise click.ClickException(f"serving needs the [serve] extra (pip install 'cpm-deploy[serve]'): {e}") from None
     from ..runtime import BundleError, Bundle
-    from ..runtime.system.memory import MemoryBudgetError
+    from ..serve.config import ServerConfig
 
-    with user_errors(BundleError):  # mistakes fail here, before the port opens
+    with user_errors():  # mistakes fail here, before the port opens
         b = Bundle.open(bundle, verify=False)
         name = graph or b.default_graph
         if b.graph(name).get("kv_cache") != "shared":
@@ -83,7 +84,7 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tok
                           max_total=max_total, prefill_tokens=prefill_tokens, timeout_s=timeout_s, drain_s=drain_s,
                           model_name=model_name, verify=not no_verify, api_key=api_key, open_metrics=open_metrics,
                           warm_up=not no_warm_up)
-    with user_errors(MemoryBudgetError):
+    with user_errors():
         config.check_memory()
     run(config, host, port, verbose)
 

@@ -37,9 +37,9 @@ def preflight(bundle, version, graph):
       cpm-trt preflight ./cpm-bundle --tensorrt 8.6.1
     """
     from ..optimize.tensorrt.preflight import preflight as run
-    from ..runtime.bundle.reader import Bundle, BundleError
+    from ..runtime.bundle.reader import Bundle
 
-    with user_errors(BundleError, FileNotFoundError):
+    with user_errors(FileNotFoundError):
         b = Bundle.open(bundle, verify=False)
         if graph not in b.manifest["files"]:
             raise FileNotFoundError(f"{graph} is not a file of {bundle}")
@@ -89,19 +89,17 @@ def build(bundle, max_batch, max_prompt, max_total, workspace, cc, dry_run, as_j
       cpm-trt build ./cpm-bundle --dry-run
       cpm-trt build ./cpm-bundle --max-batch 4 --max-prompt 256 --max-total 512
     """
-    from ..optimize.tensorrt.build import BuildError, build_into_bundle
-    from ..optimize.tensorrt.plan import PlanError, make_plan
-    from ..runtime.backends.tensorrt_versions import TensorRTVersionError
-    from ..runtime.bundle.reader import Bundle, BundleError
-    from ..runtime.backends.cuda import CudaUnavailable
+    from ..optimize.tensorrt.build import build_into_bundle
+    from ..optimize.tensorrt.plan import make_plan
+    from ..runtime.bundle.reader import Bundle
 
-    with user_errors(BundleError, PlanError):
+    with user_errors():
         b = Bundle.open(bundle, verify=not dry_run)
         plan = make_plan(b.path, b.manifest, max_batch, max_prompt, max_total, workspace, _cc(cc))
     if dry_run:
         click.echo(json.dumps(plan.to_dict(), indent=2) if as_json else describe(plan))
         return
-    with user_errors(CudaUnavailable, TensorRTVersionError, BuildError):
+    with user_errors():
         with stage_progress({}) as step:
             meta = build_into_bundle(b.path, plan, progress=step)
     click.echo(f"wrote {plan.engine} ({meta['build_seconds']} s, TensorRT {meta['tensorrt']}, {meta['gpu']})")

@@ -11,6 +11,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .errors import ExportError
 from ..runtime.bundle.manifest import first_problem
 
 log = logging.getLogger("cpm_deploy")
@@ -18,7 +19,7 @@ log = logging.getLogger("cpm_deploy")
 EOD_ID = 7  # <eod> in CPM's vocabulary ends a text; not GPT-2's 50256
 
 
-class ConfigError(ValueError):
+class ConfigError(ExportError, ValueError):
     """A configuration that cpm-deploy cannot honour (user error, not a bug)."""
 
 

@@ -10,8 +10,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import ExportError
 
-class OutputExistsError(FileExistsError):
+
+class OutputExistsError(ExportError, FileExistsError):
     pass
 
 

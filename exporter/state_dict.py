@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ExportError
 from .config import CPMConfig
 from .model import CPMModel
 
@@ -11,7 +12,7 @@ from .model import CPMModel
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ExportError, ValueError):
     """A checkpoint that cannot be loaded as given (user-facing, one clear message)."""
 
 

@@ -16,10 +16,11 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, RemoveUnusedOpsetsPass,
 from onnxscript.rewriter.ort_fusions.gelu import fuse_gelu
 from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_layer_normalization
 
+from .errors import OptimizeError
 from .fusions import fast_gelu_bias, gqa_attention, last_valid_logits, native_gelu, shared_kv
 
 
-class FusionError(RuntimeError):
+class FusionError(OptimizeError, RuntimeError):
     pass
 
 

@@ -20,11 +20,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .errors import OptimizeError
+
 SCORE_OUTPUT = "token_logprobs"
 TARGETS_INPUT = "target_ids"
 
 
-class ScoreGraphError(ValueError):
+class ScoreGraphError(OptimizeError, ValueError):
     """The generation graph does not have the head this rewrite expects."""
 
 

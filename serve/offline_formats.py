@@ -17,6 +17,8 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
+from .errors import ServeError
+
 FORMATS = ("text", "jsonl", "openai-batch")
 # per-line keys of the jsonl format: cpm-run's options, as the runtime names them, and their JSON types
 _INT, _NUMBER, _BOOL = ("a whole number", (int,)), ("a number", (int, float)), ("true or false", (bool,))
@@ -27,7 +29,7 @@ OVERRIDES = {"max_new_tokens": _INT, "max_length": _INT, "num_return_sequences":
 LENGTH_KEYS = ("max_new_tokens", "max_length", "num_return_sequences", "truncate_prompt")  # the rest is sampling
 
 
-class LineError(ValueError):
+class LineError(ServeError, ValueError):
     """A line the job cannot serve; its record says why."""
 
 

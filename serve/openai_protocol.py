@@ -14,12 +14,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .errors import ServeError
+
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_LOGIT_BIAS = 1024  # entries: bounds the per-step work one request can ask for
 PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of token-id lists"
 
 
-class FieldError(ValueError):
+class FieldError(ServeError, ValueError):
     """A field that validates alone but not as this server reads it; ``param`` names it."""
 
     def __init__(self, param: str, message: str):

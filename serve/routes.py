@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .errors import ServeError
 from . import completions
 from .engine import Engine
 from .openai_protocol import CompletionIds, CompletionRequest, choice, error_body, models_list
@@ -46,7 +47,7 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
-class Unauthorized(Exception):
+class Unauthorized(ServeError):
     """A request without the server's API key."""
 
 

@@ -13,12 +13,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import OptimizeError
 from ...runtime.backends.cuda import device, import_tensorrt
 from .plan import BuildPlan
 from ...runtime.backends.tensorrt_versions import check_build, parse
 
 
-class BuildError(RuntimeError):
+class BuildError(OptimizeError, RuntimeError):
     pass
 
 

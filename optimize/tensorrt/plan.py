@@ -8,11 +8,12 @@ import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import OptimizeError
 from ...runtime.bundle.reader import GENERATION_GRAPH as GRAPH  # standard ops, last position; fp32 in, fp16 by the builder
 FP32_OP_TYPES = ("LayerNormalization", "Softmax")
 
 
-class PlanError(ValueError):
+class PlanError(OptimizeError, ValueError):
     pass
 
 

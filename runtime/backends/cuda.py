@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..errors import CPMError
 
-class CudaUnavailable(RuntimeError):
+
+class CudaUnavailable(CPMError, RuntimeError):
     pass
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import CPMError
+
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -17,15 +19,14 @@ PROVIDERS = {
 
 
 # onnxruntime's CPU GroupQueryAttention reads this variable when a session builds its kernels. Its
-# tiled ("flash") path sizes KV tiles from the L2 cache (2 MB here: 1024 positions), so a 256-token
-# prompt chunk is one tile, skips nothing and takes twice the plain path's time for the same result
-# (1.32, 2 cores: one layer's 256-token chunk 2.05 against 1.06 ms; CPM-Small 512-token prompt
-# fp32 339 -> 310 ms, int8 120 -> 94 ms; decode steps 0-9% faster). A value the user set stands.
+# tiled ("flash") path sizes KV tiles from the L2 cache, so a prompt chunk that fits one tile skips
+# nothing and takes about twice the plain path's time for the same result (docs/design.md). A
+# value the user set stands.
 GQA_FLASH_SWITCH = "ORT_GQA_DISABLE_FLASH_ATTENTION"
 _env_lock = threading.Lock()  # sessions built in two threads at once must not unset it under each other
 
 
-class ProviderError(ValueError):
+class ProviderError(CPMError, ValueError):
     """An execution provider that is unknown or not present in the installed onnxruntime."""
 
 
@@ -99,36 +100,3 @@ class OnnxRuntimeRunner:
 def _np_type(ort_type: str):
     return {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64,
             "tensor(int32)": np.int32}.get(ort_type, None)
-
-
-class SharedKVRunner:
-    """``infer(feeds, past) -> {name: array}`` for shared-KV graphs: each past buffer is bound as
-    both past input and present output, as the runtime does, and is updated in place."""
-
-    def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None, optimize: bool = True,
-                 prefill_path: str | Path | None = None):
-        import onnxruntime as ort
-
-        self.ort = ort
-        self.session = create_session(path, provider, threads, optimize)
-        # a graph for prompts (cpu-int4's int8 graph) takes every call with more than one new token
-        self.prefill_session = create_session(prefill_path, provider, threads, optimize) if prefill_path else self.session
-        self.input_types = {i.name: _np_type(i.type) for i in self.session.get_inputs()}
-
-    def infer(self, feeds: dict[str, np.ndarray], past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session = self.prefill_session if feeds["input_ids"].shape[1] > 1 else self.session
-        binding = session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
-        out = {}
-        for name, buf in past.items():
-            buf = buf.astype(self.input_types[name], copy=False)
-            value = self.ort.OrtValue.ortvalue_from_numpy(buf)  # shares buf's memory on the CPU
-            binding.bind_ortvalue_input(name, value)
-            present = name.replace("past_key_values.", "present.")
-            binding.bind_ortvalue_output(present, value)
-            out[present] = buf
-        session.run_with_iobinding(binding)
-        out["logits"] = binding.get_outputs()[0].numpy()
-        return out

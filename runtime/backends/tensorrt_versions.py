@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import re
 
+from ..errors import CPMError
+
 LAST_VOLTA = (10, 4)  # 10.5 and later refuse SM 7.0 at build time; 11.x is built on CUDA 13 (no sm_70)
 VOLTA_RELEASES = "tensorrt-cu12==10.4.0 (or 8.6.x)"
 
 
-class TensorRTVersionError(RuntimeError):
+class TensorRTVersionError(CPMError, RuntimeError):
     pass
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import CPMError
 
-class OnnxFormatError(ValueError):
+
+class OnnxFormatError(CPMError, ValueError):
     pass
 
 

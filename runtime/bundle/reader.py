@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from ..errors import CPMError
 from .manifest import FORMAT, FORMAT_VERSION, Manifest, first_problem
 from .onnx_external import OnnxFormatError, external_data_locations
 from .verified import sha256_file, verify_files
@@ -21,7 +22,7 @@ BASE_DATA = "decoder.onnx.data"
 HF_CONFIG = "config.json"  # GPT-2 config beside decoder.onnx, for Hugging Face tools
 
 
-class BundleError(ValueError):
+class BundleError(CPMError, ValueError):
     """A bundle that is missing, corrupt, unsafe or of another format (one clear message)."""
 
 

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import CPMError
+
 
 EXAMPLES_PER_CALL = 8  # classify's examples per scorer call: shards of whole multiples score bit for bit alike
 
 
-class EvalDataError(ValueError):
+class EvalDataError(CPMError, ValueError):
     """Evaluation data that is missing, malformed or does not fit the model."""
 
 

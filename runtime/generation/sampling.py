@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import CPMError
+
 NUCLEUS_FIRST_GUESS = 64  # tokens sorted first for top-p; a trained model's nucleus is mostly smaller
 PICK_BLOCK = 256  # tokens per block sum when drawing
 MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
 
 
-class NonFiniteLogits(RuntimeError):
+class NonFiniteLogits(CPMError, RuntimeError):
     """The graph gave NaN or +inf logits (or -inf everywhere): no token can be chosen from them."""
 
 
@@ -82,9 +84,9 @@ def kept_tokens(x: np.ndarray, top_k: int, top_p: float) -> np.ndarray | None:
     logits after temperature.
 
     The set a stable sort of all V would give (ties in id order; top-k keeps every tie at the k-th;
-    top-p keeps the shortest sorted prefix whose mass reaches top_p), without that sort: it took
-    2.4 ms a row, more than a decode step. The largest few, sorted, usually hold the nucleus;
-    otherwise it is cut by value from the sorted values (60 us), ties at the cut taken in id order.
+    top-p keeps the shortest sorted prefix whose mass reaches top_p), without that sort, which costs
+    more than a decode step. The largest few, sorted, usually hold the nucleus; otherwise it is cut
+    by value from the sorted values, ties at the cut taken in id order.
     """
     V = x.shape[0]
     ids = None
@@ -93,7 +95,7 @@ def kept_tokens(x: np.ndarray, top_k: int, top_p: float) -> np.ndarray | None:
     if top_p >= 1.0:
         return ids
     xs = x if ids is None else x[ids]
-    e = np.exp(xs - xs.max())  # float32: 7x faster than float64 here; sums are float64
+    e = np.exp(xs - xs.max())  # float32 exp (much faster); sums in float64
     need, n, m = top_p * e.sum(dtype=np.float64), len(xs), NUCLEUS_FIRST_GUESS
     chosen = None
     if n > m:
@@ -128,8 +130,7 @@ def _draw(x: np.ndarray, cfg: SamplingConfig, r: float) -> int:
 def _pick(w: np.ndarray, r: float) -> int:
     """An index drawn with probability proportional to w [n] (float32, >= 0, some > 0) for r
     uniform in [0, 1): the first whose running sum reaches (1 - r) of the total, found through
-    block sums so that no float64 running sum covers all n (with float32 exp, a whole draw went
-    from 160 to 60 us a row)."""
+    block sums so that no float64 running sum covers all n (float32 weights, float64 sums)."""
     n = len(w)
     full = n - n % PICK_BLOCK
     sums = w[:full].reshape(-1, PICK_BLOCK).sum(axis=1, dtype=np.float64)

@@ -6,13 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import CPMError
 from ..bundle.reader import Bundle
 
 HEADROOM = 1.15  # onnxruntime's arenas, activations, Python: what the weights and the pool leave out
 RESERVE = 512 << 20  # and a little for everything else on the machine
 
 
-class MemoryBudgetError(ValueError):
+class MemoryBudgetError(CPMError, ValueError):
     """The weights and KV pool asked for do not fit (the message names settings that do)."""
 
 

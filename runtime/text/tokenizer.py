@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import CPMError
 from ..backends.padding import left_pad
 
 log = logging.getLogger("cpm_deploy")
@@ -57,7 +58,7 @@ def _cache_dir() -> Path | None:
         return None  # read-only home: jieba falls back to the temp dir
 
 
-class TokenizerError(ValueError):
+class TokenizerError(CPMError, ValueError):
     """Text the tokenizer cannot take (not valid Unicode)."""
 
 
