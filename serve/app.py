@@ -11,54 +11,14 @@ import contextlib
 import logging
 import signal
 import threading
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from fastapi import FastAPI
 
+from .config import ServerConfig
 from .engine import Engine
 from .routes import build_router, openai_error_pages
 
 log = logging.getLogger("cpm_deploy.serve")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    bundle: Path
-    graph: str | None = None
-    threads: int | None = None
-    max_batch: int = 16
-    max_queue: int = 64
-    max_total: int | None = None
-    prefill_tokens: int = 128
-    timeout_s: float | None = 300.0
-    drain_s: float = 10.0
-    model_name: str | None = None
-    verify: bool = True
-    warm_up: bool = True  # /health says ready once every batch shape has run once
-    api_key: str | None = field(default=None, repr=False)  # never in a log line
-    open_metrics: bool = False  # /metrics without the API key (a scraper inside the network)
-
-    @property
-    def name(self) -> str:
-        return self.model_name or Path(self.bundle).name
-
-    def check_memory(self) -> None:
-        """Refuse a pool that would not fit next to the weights (MemoryBudgetError names what fits)."""
-        from ..runtime import Bundle
-        from ..runtime.system.memory import serving_memory
-
-        bundle = Bundle.open(self.bundle, verify=False)
-        name = self.graph or bundle.default_graph
-        capacity = min(self.max_total or bundle.config["n_positions"], bundle.config["n_positions"])
-        kv_bytes = 2 if bundle.graph(name).get("precision") == "fp16" else 4
-        serving_memory(bundle, name, kv_bytes).check(self.max_batch, capacity, f"{self.name} ({name})")
-
-    def load(self) -> Engine:
-        self.check_memory()
-        return Engine.from_bundle(self.bundle, graph=self.graph, threads=self.threads, verify=self.verify,
-                                  max_batch=self.max_batch, max_queue=self.max_queue, max_total=self.max_total,
-                                  prefill_tokens=self.prefill_tokens, warm_up=self.warm_up).start()
 
 
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:

@@ -7,13 +7,14 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
+from .errors import ServeError
 from .engine import Engine, RequestError
 from .openai_protocol import (DEFAULT_MAX_TOKENS, CompletionIds, CompletionRequest, FieldError, choice, error_body,
                               usage, validation_error_body)
 from .sequence import Event, Request
 
 
-class BodyError(Exception):
+class BodyError(ServeError):
     """A body the server refuses: ``status`` and OpenAI's ``error`` object."""
 
     def __init__(self, status: int, body: dict):
@@ -34,9 +35,9 @@ def parse(raw: bytes | str | dict, engine: Engine, model_name: str) -> Completio
         raise BodyError(400, validation_error_body(e)) from None
     if (field := body.unsupported()) is not None:
         raise BodyError.of(400, f"{field} is not supported by this server", param=field)
-    if len(body.prompts()) * (body.n or 1) > engine.max_batch + engine.max_queue:
+    if len(body.prompts()) * (body.n or 1) > engine.max_batch + engine.limits.max_queue:
         raise BodyError.of(400, f"{len(body.prompts())} prompts x n={body.n} is more than this server holds at once "
-                                f"({engine.max_batch} running + {engine.max_queue} waiting)", param="prompt")
+                                f"({engine.max_batch} running + {engine.limits.max_queue} waiting)", param="prompt")
     if body.model not in (None, model_name):
         raise BodyError.of(404, f"model {body.model!r} is not served here; it serves {model_name!r}", param="model")
     return body

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from .errors import ServeError
 from ..runtime import CPMGenerator, GenerationError
-from ..runtime.generation.generator import check_choices, sampling_keywords
+from ..runtime.generation.requests import check_choices
 from . import completions
 from .engine import Engine, RequestError
 from .offline_formats import LENGTH_KEYS, Line, batch_record, generation_record, line_key, record_key
@@ -27,7 +28,7 @@ from .sequence import QueueFull
 
 
 
-class JobError(RuntimeError):
+class JobError(ServeError, RuntimeError):
     """The job's files cannot be used as asked (unwritable output, an output of another input)."""
 
 
@@ -120,7 +121,7 @@ class EngineJob:
 
     def __init__(self, engine: Engine, model_name: str, window: int | None = None):
         self.engine, self.model_name = engine, model_name
-        self.window = window or engine.max_batch + engine.max_queue // 2  # requests in flight
+        self.window = window or engine.max_batch + engine.limits.max_queue // 2  # requests in flight
         self.events: queue.Queue = queue.Queue()
 
     def run(self, lines: Iterable[Line]) -> Iterator[dict]:
@@ -173,7 +174,7 @@ class EngineJob:
         n = o.get("num_return_sequences", 1)
         check_choices(n, bool(o.get("do_sample")))
         req = gen.prepare([line.prompt], o.get("max_length"), o.get("max_new_tokens"), bool(o.get("truncate_prompt")))
-        sampling = sampling_keywords({k: v for k, v in o.items() if k not in LENGTH_KEYS})
+        sampling = {k: v for k, v in o.items() if k not in LENGTH_KEYS}
         return [self.engine.make_request(req.prompts[0], req.max_new_tokens, n, sink=lambda ev: events.put((job, 0, ev)),
                                          stream=False, **sampling)]
 

@@ -15,11 +15,11 @@ import os
 import socket
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 import ray
 from ray import serve
 
-from .app import ServerConfig
+from .config import ServerConfig
 from .routes import build_router, openai_error_pages
 
 _replica: dict = {}  # this process's engine and settings (each replica is its own process)
@@ -50,12 +50,12 @@ def _metrics_key():
 def _start(args: "RayServeArgs") -> None:
     config = args.server_config()
     _replica.update(engine=config.load(), name=config.name, timeout_s=config.timeout_s, api_key=config.api_key,
-                    metrics_key=None if config.open_metrics else config.api_key)
+                    metrics_key=None if config.open_metrics else config.api_key, drain_s=config.drain_s)
 
 
 def _stop() -> None:
     if (engine := _replica.pop("engine", None)) is not None:
-        engine.shutdown(drain_s=10)
+        engine.shutdown(_replica["drain_s"])
 
 
 api = openai_error_pages(FastAPI(title="cpm-serve on Ray", docs_url=None, redoc_url=None))
@@ -72,31 +72,28 @@ async def replica_header(request: Request, call_next):
 
 
 class RayServeArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    bundle: str
-    graph: str | None = None
-    model_name: str | None = None
-    threads: int | None = Field(None, ge=1)
-    max_batch: int = Field(16, ge=1)
-    max_queue: int = Field(64, ge=0)
-    max_total: int | None = Field(None, ge=2)
-    prefill_tokens: int = Field(128, ge=1)
-    timeout_s: float = Field(300.0, gt=0)
+    """A Serve application's arguments: any ServerConfig field but the API key (``bundle``,
+    ``max_batch``, ...; checked there), and the deployment's own."""
+
+    model_config = ConfigDict(extra="allow")
     num_replicas: int | None = Field(None, ge=1)
     min_replicas: int | None = Field(None, ge=0)
     max_replicas: int | None = Field(None, ge=1)
     num_cpus: float = Field(1.0, gt=0)
     # the key: the replica's environment variable, so it stays out of Serve configs and `serve run` lines
     api_key_env: str | None = "CPM_SERVE_API_KEY"
-    open_metrics: bool = False
-    warm_up: bool = True
+
+    @model_validator(mode="after")
+    def _server_fields(self) -> "RayServeArgs":
+        if "api_key" in (self.model_extra or {}):
+            raise ValueError("api_key: give the replicas an environment variable instead (api_key_env)")
+        self.server_config()  # a wrong server field fails here, before any replica starts
+        return self
 
     def server_config(self) -> ServerConfig:
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        return ServerConfig(bundle=self.bundle, graph=self.graph, threads=self.threads or max(1, int(self.num_cpus)),
-                            max_batch=self.max_batch, max_queue=self.max_queue, max_total=self.max_total,
-                            prefill_tokens=self.prefill_tokens, timeout_s=self.timeout_s, model_name=self.model_name,
-                            api_key=key or None, open_metrics=self.open_metrics, warm_up=self.warm_up)
+        fields = {"threads": max(1, int(self.num_cpus)), **(self.model_extra or {})}
+        return ServerConfig(**fields, api_key=key or None)
 
 
 @serve.deployment(name="cpm", health_check_period_s=5, graceful_shutdown_timeout_s=20)
@@ -119,12 +116,13 @@ class CPMServer:
 def build_app(args: dict) -> serve.Application:
     """Application builder for ``serve run`` / a Serve config file's ``import_path``."""
     a = RayServeArgs.model_validate(args)
+    config = a.server_config()
     options = {"ray_actor_options": {"num_cpus": a.num_cpus},
                # a replica takes its batch plus its queue; Ray holds the rest back
-               "max_ongoing_requests": a.max_batch + a.max_queue}
+               "max_ongoing_requests": config.max_batch + config.max_queue}
     if a.min_replicas is not None or a.max_replicas is not None:
         options["autoscaling_config"] = {"min_replicas": a.min_replicas or 1, "max_replicas": a.max_replicas or 1,
-                                         "target_ongoing_requests": a.max_batch}
+                                         "target_ongoing_requests": config.max_batch}
     else:
         options["num_replicas"] = a.num_replicas or 1
     return CPMServer.options(**options).bind(a)

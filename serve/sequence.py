@@ -10,13 +10,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ..runtime.generation.sampling import SamplingConfig
-from ..runtime.text.text_stream import TextStream
+from ..runtime.generation.step import SequenceDecoding
+from .errors import ServeError
 
 
-class EngineError(RuntimeError):
+class EngineError(ServeError, RuntimeError):
     """The engine cannot take a request now (stopping, not loaded)."""
 
 
@@ -75,34 +74,35 @@ class Request:
 class Sequence:
     request: Request
     index: int  # choice number within the request
-    rng: np.random.Generator
-    text: TextStream
-    seen: np.ndarray | None  # [V] tokens in context, for the repetition penalty
-    counts: np.ndarray | None  # [V] tokens generated, for the presence and frequency penalties
+    decoding: SequenceDecoding  # the runtime's per-sequence rules: sampling, stop strings, length
     state: State = State.WAITING
-    generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     held: list[str] = field(default_factory=list)  # text pieces of a request that does not stream
     first_token_at: float | None = None
     last_token_at: float | None = None
 
     @property
+    def generated(self) -> list[int]:
+        return self.decoding.generated
+
+    @property
     def cached(self) -> int:
         """Tokens in this sequence's KV slot: the prompt and every generated token but the last."""
         return len(self.request.prompt) + max(len(self.generated) - 1, 0)
 
+    def start(self) -> None:
+        self.state = State.RUNNING
 
-def make_sequences(request: Request, tokenizer, vocab: int) -> list[Sequence]:
-    """One sequence per choice. A seeded choice 0 draws exactly what CPMGenerator draws for the
-    same seed; choice j > 0 gets its own stream, so choices differ yet stay reproducible."""
-    cfg, seqs = request.sampling, []
-    for j in range(request.n):
-        seed = cfg.seed if j == 0 or cfg.seed is None else [cfg.seed, j]
-        seen = None
-        if cfg.repetition_penalty != 1.0:
-            seen = np.zeros(vocab, bool)
-            seen[request.prompt] = True
-        counts = np.zeros(vocab, np.int32) if cfg.counts_tokens else None
-        seqs.append(Sequence(request, j, np.random.default_rng(seed), TextStream(tokenizer, cfg.stop), seen, counts))
+    def finish(self, reason: str) -> None:
+        """The one place a sequence ends: stop / length / cancelled / timeout / error."""
+        self.state, self.finish_reason = State.FINISHED, reason
+
+
+def make_sequences(request: Request, generator) -> list[Sequence]:
+    """One sequence per choice, built by the generator's own rule: a seeded choice 0 draws exactly
+    what CPMGenerator draws for the same seed; choice j > 0 gets its own stream."""
+    rows = [request.prompt] * request.n
+    seqs = [Sequence(request, j, d) for j, d in
+            enumerate(generator.sequences(rows, request.max_new_tokens, request.sampling, request.n))]
     request.sequences = seqs
     return seqs

@@ -52,11 +52,11 @@ def test_greedy_under_load_equals_alone(engine, trained_generator):
     calls = [(p, 6 + 3 * (i % 5), {}) for i, p in enumerate(PROMPTS)]  # 16 requests for 8 slots, mixed lengths
     want = [alone(trained_generator, p, n) for p, n, _ in calls]
     assert run_concurrently(engine, calls) == want
-    assert engine.metrics.running._value.get() == 0 and not engine.rows
+    assert engine.metrics.running._value.get() == 0 and not engine.scheduler.rows
     # the batch narrowed as requests finished: one step binding per width, all writing their
     # logits into rows of one buffer
-    assert len(engine._steps) > 1
-    assert all(np.shares_memory(b.logits, engine._logits) for b in engine._steps.values())
+    assert len(engine.runner.steps) > 1
+    assert all(np.shares_memory(b.logits, engine.runner.logits) for b in engine.runner.steps.values())
 
 
 def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(engine, trained_generator):
@@ -99,6 +99,21 @@ def test_n_choices_differ_and_repeat_with_the_seed(engine):
     assert len({c["text"] for c in a}) > 1
 
 
+def test_every_choice_of_a_seeded_request_equals_the_generator_s(engine, trained_generator):
+    """The engine and the generator decode through one per-sequence step (runtime/generation/step.py):
+    n seeded choices on the server are the generator's num_return_sequences, whatever else runs."""
+    cfg = {"do_sample": True, "temperature": 1.3, "top_k": 40, "repetition_penalty": 1.2, "frequency_penalty": 0.5,
+           "seed": 11}
+    want = [c["generated_text"][len(PROMPTS[3]):] for c in
+            trained_generator(PROMPTS[3], max_new_tokens=10, num_return_sequences=3, **cfg)]
+    assert len(set(want)) > 1
+    noise = threading.Thread(target=run_concurrently, args=(engine, [(PROMPTS[4], 7, {"do_sample": True})] * 3))
+    noise.start()
+    got = [c["text"] for c in engine.complete(PROMPTS[3], 10, n=3, **cfg)]
+    noise.join(60)
+    assert got == want
+
+
 def test_stop_strings_and_finish_reasons(engine, trained_generator):
     full = alone(trained_generator, PROMPTS[2], 12)
     stop = full[3:5]
@@ -133,9 +148,9 @@ def test_cancelled_and_timed_out_requests_free_their_slots(endless):
         pass
     assert ev.reason == "timeout" and slow.finished
     deadline = time.time() + 5
-    while engine.rows and time.time() < deadline:
+    while engine.scheduler.rows and time.time() < deadline:
         time.sleep(0.01)
-    assert not engine.rows
+    assert not engine.scheduler.rows
 
 
 def test_bad_requests_are_refused_before_they_queue(engine):
@@ -201,7 +216,7 @@ def test_a_full_queue_refuses_at_once(trained_bundle):
         e.submit(e.make_request(PROMPTS[0], 4))
     e.start()
     e.shutdown(drain_s=10)
-    assert not e.waiting and not e.rows
+    assert not e.scheduler.waiting and not e.scheduler.rows
     with pytest.raises(EngineError, match="shutting down"):
         e.submit(e.make_request(PROMPTS[0], 4))
 
@@ -209,22 +224,6 @@ def test_a_full_queue_refuses_at_once(trained_bundle):
 def test_the_concatenating_graph_is_refused(trained_bundle):
     with pytest.raises(EngineError, match="shared-KV graph"):
         Engine(CPMGenerator.from_bundle(trained_bundle, variant="decoder_last"))
-
-
-def test_a_burst_is_admitted_before_decoding_but_running_rows_wait_at_most_the_delay(trained_bundle):
-    from types import SimpleNamespace
-
-    engine = Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=4)  # not started
-    now = time.perf_counter()
-    engine.rows = [SimpleNamespace(last_token_at=now - 0.01)]
-    engine.waiting.append(object())
-    assert not engine._decode_due(admitted=[object()])  # more to admit: prefill first
-    engine.rows[0].last_token_at = now - 2 * engine.max_decode_delay_s
-    assert engine._decode_due(admitted=[object()])  # but never starve a running row
-    assert engine._decode_due(admitted=[])  # nothing admitted this pass: decode
-    engine.waiting.clear()
-    engine.rows[0].last_token_at = now
-    assert engine._decode_due(admitted=[object()])  # burst fully admitted: decode
 
 
 def test_int4_engine_runs_prompts_on_the_int8_graph(trained_bundle):
@@ -236,14 +235,14 @@ def test_int4_engine_runs_prompts_on_the_int8_graph(trained_bundle):
         assert e.decoder.prefill_session is not e.decoder.session
         for prompt in PROMPTS[:3]:
             assert e.complete(prompt, 8)[0]["text"] == alone(gen, prompt, 8)
-        assert len(run_concurrently(e, [(p, 5, {}) for p in PROMPTS[:6]])) == 6 and not e.rows
+        assert len(run_concurrently(e, [(p, 5, {}) for p in PROMPTS[:6]])) == 6 and not e.scheduler.rows
 
 
 def test_ready_means_warm_every_batch_width_has_run_before_the_first_request(trained_bundle, trained_generator):
     cold = Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=5, warm_up=False).start()
     warm = Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=5).start()
     try:
-        assert not cold._steps and sorted(warm._steps) == [1, 2, 3, 4, 5] and warm.warm_up_s > 0
+        assert not cold.runner.steps and sorted(warm.runner.steps) == [1, 2, 3, 4, 5] and warm.warm_up_s > 0
         # what warm-up wrote into the KV pool is never read: a burst right after ready equals the runtime alone
         prompts = corpus_lines(40)[20:25]
         events = {i: queue.Queue() for i in range(5)}

@@ -25,24 +25,23 @@ from .session import create_session
 
 # Prompts longer than this run in chunks, each attending to what the earlier ones cached:
 # GroupQueryAttention computes the whole masked square of a prompt, so chunks skip half of the
-# upper triangle (512-token prompt, 2 cores, its plain path (session.py): fp32 326 -> 316 ms, int8
-# 105 -> 101 ms; 128-token chunks lose: 353 / 111 ms. On its tiled path the gain was 9% / 28%).
+# upper triangle; smaller chunks lose more to per-call work than they save (docs/design.md).
 PREFILL_CHUNK = 256
 # With a prompt graph beside it (cpu-int4's int8 graph), decode steps of this many rows or more run
-# on that graph: 4-bit MatMulNBits loses to the int8 GEMM from 3 rows up (2 cores, ms per step
-# int4 / int8; CPM-Small: b2 4.00 / 4.37, b3 5.54 / 4.76, b8 11.73 / 6.89; CPM-Large: b2 113 / 107,
-# b3 142 / 118, b8 232 / 132).
+# on that graph: 4-bit MatMulNBits loses to the int8 GEMM from 3 rows up (docs/design.md).
 STEPS_ON_PROMPT_GRAPH_FROM = 3
 
 
 class _OrtDecoder:
+    max_batch = None  # any number of rows
+
     def __init__(self, path: str | Path, config: dict, provider: str = "cpu", threads: int | None = None,
                  prefill_path: str | Path | None = None):
         import onnxruntime as ort
 
         self.ort = ort
         # two sessions take turns on the same cores: neither may keep its threads spinning once its
-        # run is done (cpu-int4, 2 cores: 512-token prompt ~10% faster, decode steps unchanged)
+        # run is done (cpu-int4: prompts faster, decode steps unchanged)
         alone = prefill_path is None
         before = huge_pages.snapshot() if provider == "cpu" else None
         self.session = create_session(path, provider, threads, spin_after_run=alone)
@@ -167,9 +166,9 @@ class StepBinding:
     """Decode steps over one set of KV buffers through one IOBinding, bound once.
 
     Each step rewrites the small input arrays in place (on the CPU a bound OrtValue shares its
-    array's memory) and onnxruntime writes logits into a bound array. Rebinding 24 KV buffers,
-    five inputs and a fresh logits output every step cost CPM-Small ~0.25 ms (8% of an int4 step
-    at batch 1). The owner keeps it as long as the buffers: it holds them. ``logits`` lends it the
+    array's memory) and onnxruntime writes logits into a bound array. Rebinding every KV buffer,
+    five inputs and a fresh logits output each step is a visible share of a small model's step.
+    The owner keeps it as long as the buffers: it holds them. ``logits`` lends it the
     output array (rows of one shared buffer, say: a server binds every batch width it runs).
     """
 
@@ -255,6 +254,17 @@ class SharedKVDecoder(_OrtDecoder):
         dtype = np.float16 if out.type == "tensor(float16)" else np.float32
         return np.empty((batch, 1, out.shape[-1]), dtype) if isinstance(out.shape[-1], int) else None
 
+    def infer(self, feeds: dict[str, np.ndarray], past: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One run on GroupQueryAttention's own feeds over numpy KV buffers (``past_key_values.*``),
+        written in place and returned as ``present.*``, with logits [B, 1, V]: export verification
+        checks any split of cached and new tokens through the binding that serves. A call with more
+        than one new token per row runs where prompts run; one token, on this graph."""
+        session = self.prefill_session if feeds["input_ids"].shape[1] > 1 else self.session
+        buffers = [np.ascontiguousarray(past[name], self.dtype) for name in self.past_names]
+        values = [self.ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]  # share the arrays' memory
+        logits = self._run(feeds, values, shared=True, session=session)[0]
+        return {"logits": logits[:, None, :], **dict(zip(self.present_names, buffers))}
+
     # -- one generation call: buffers sized for it ------------------------------------------------
     def prefill(self, rows: list[list[int]], capacity: int, pad_id: int = 0) -> tuple[np.ndarray, SharedState]:
         lengths = np.array([len(r) for r in rows], np.int64)
@@ -271,11 +281,3 @@ class SharedKVDecoder(_OrtDecoder):
         logits = state.steps.run(tokens, state.lengths)
         state.lengths = state.lengths + 1
         return logits
-
-
-def open_decoder(path: str | Path, config: dict, kv_cache: str, provider: str = "cpu", threads: int | None = None,
-                 prefill_path: str | Path | None = None):
-    cls = {"concat": ConcatKVDecoder, "shared": SharedKVDecoder}.get(kv_cache)
-    if cls is None:
-        raise ValueError(f"unknown kv_cache kind {kv_cache!r} in the manifest")
-    return cls(path, config, provider, threads, prefill_path=prefill_path)

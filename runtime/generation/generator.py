@@ -8,17 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends import open_decoder
 from ..bundle.reader import Bundle
-from ..backends.ort_decoder import open_decoder
-from .sampling import SamplingConfig, next_tokens
-from ..text.text_stream import TextStream, cut_at_stop
+from ..text.text_stream import cut_at_stop
 from ..text.tokenizer import CPMTokenizer, TokenizerError
-
-DEFAULT_NEW_TOKENS = 50
-
-
-class GenerationError(ValueError):
-    """A request that cannot be served as asked (prompt too long, bad lengths, empty prompt)."""
+from .requests import GenerationError, check_bias, check_choices, check_prompt_ids, fit_prompts, new_tokens, sampling_config
+from .sampling import SamplingConfig
+from .step import SequenceDecoding, choose_next
 
 
 @dataclass
@@ -105,44 +101,21 @@ class CPMGenerator:
 
     def check_lengths(self, prompts: list[list[int]], max_length: int | None, max_new_tokens: int | None,
                       truncate_prompt: bool = False) -> Request:
-        if max_length is not None and max_new_tokens is not None:
-            raise GenerationError("give max_length or max_new_tokens, not both")
-        if max_length is not None and max_length > self.n_positions:
-            raise GenerationError(f"max_length {max_length} exceeds the model's {self.n_positions} positions")
-        longest = max(len(p) for p in prompts)
-        if not all(prompts):
-            raise GenerationError("a prompt encodes to no tokens")
-        if max_length is not None:
-            new = max_length - longest
-            if new < 1:
-                raise GenerationError(f"max_length {max_length} leaves no room after a {longest}-token prompt "
-                                      "(max_length counts the prompt)")
-        else:
-            new = DEFAULT_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-            if new < 1:
-                raise GenerationError(f"max_new_tokens must be >= 1, got {new}")
-        if longest + new > self.n_positions:
-            if not truncate_prompt:
-                raise GenerationError(
-                    f"prompt of {longest} tokens + {new} new tokens exceeds the model's {self.n_positions} positions; "
-                    "shorten the prompt or allow left truncation (truncate_prompt=True, --truncate-prompt)")
-            if new >= self.n_positions:
-                raise GenerationError(f"{new} new tokens exceed the model's {self.n_positions} positions")
-            keep = self.n_positions - new
-            prompts = [p[-keep:] for p in prompts]
-        return Request(prompts, new)
+        for p in prompts:
+            check_prompt_ids(p, self.decodable)
+        new = new_tokens(max_length, max_new_tokens, max(len(p) for p in prompts), self.n_positions)
+        return Request(fit_prompts(prompts, new, self.n_positions, truncate_prompt), new)
 
-    def check_sampling(self, cfg: SamplingConfig) -> None:
-        """What SamplingConfig cannot check alone: token ids against this model's vocabulary."""
-        if any(t >= self.decodable for t, _ in cfg.logit_bias):
-            raise GenerationError(f"logit_bias token ids must be in 0..{self.decodable - 1}")
+    def sampling(self, **sampling) -> SamplingConfig:
+        """A SamplingConfig checked against this model's vocabulary (raises GenerationError)."""
+        return sampling_config(sampling, self.decodable)
 
     def generate_ids(self, texts: Sequence[str], max_length: int | None = None, max_new_tokens: int | None = None,
                      num_return_sequences: int = 1, truncate_prompt: bool = False, **sampling) -> list[list[int]]:
         """New token ids per sequence (prompt-major: prompt i's sequences are i*n .. i*n+n-1)."""
         req = self.prepare(texts, max_length, max_new_tokens, truncate_prompt)
         out = None
-        for out in self.iter_ids(req.prompts, req.max_new_tokens, num_return_sequences, SamplingConfig(**sampling_keywords(sampling))):
+        for out in self.iter_ids(req.prompts, req.max_new_tokens, num_return_sequences, self.sampling(**sampling)):
             pass
         return out
 
@@ -151,48 +124,43 @@ class CPMGenerator:
         """Yield the new ids of every sequence after each step (finished rows stop growing)."""
         check_choices(num_return_sequences, cfg.do_sample)
         rows = [p for p in prompts for _ in range(num_return_sequences)]
-        B = len(rows)
-        rng = np.random.default_rng(cfg.seed)
-        self.check_sampling(cfg)
-        seen = _seen_from(rows, self.config["vocab_size"]) if cfg.repetition_penalty != 1.0 else None
-        counts = np.zeros((B, self.config["vocab_size"]), np.int32) if cfg.counts_tokens else None
-        generated: list[list[int]] = [[] for _ in range(B)]
-        done = np.zeros(B, bool)
-        texts = [TextStream(self.tokenizer, cfg.stop) for _ in range(B)] if cfg.stop else None
-        capacity = max(len(r) for r in rows) + max_new_tokens
+        seqs = self.sequences(rows, max_new_tokens, cfg, num_return_sequences, track_text=False)
+        for _ in self.decode(rows, seqs):
+            yield [s.generated for s in seqs]
+
+    def sequences(self, rows: list[list[int]], max_new_tokens: int, cfg: SamplingConfig, choices: int = 1,
+                  track_text: bool = True) -> list[SequenceDecoding]:
+        """One SequenceDecoding per row; rows come ``choices`` per prompt (row i is choice i % choices)."""
+        check_bias(cfg, self.decodable)
+        return [SequenceDecoding(r, cfg, max_new_tokens, self.tokenizer, self.config["vocab_size"], self.eod_id,
+                                 i % choices, track_text) for i, r in enumerate(rows)]
+
+    def decode(self, rows: list[list[int]], seqs: list[SequenceDecoding]) -> Iterator[list[str]]:
+        """Run the sequences to their end; after each step, yield the text each row showed in it."""
+        capacity = max(len(r) for r in rows) + max(s.max_new_tokens for s in seqs)
         logits, state = self.decoder.prefill(rows, capacity, self.tokenizer.pad_id)
-        for step in range(max_new_tokens):
-            if self.decodable < logits.shape[-1]:
-                logits[:, self.decodable:] = -np.inf
-            tok = next_tokens(logits, cfg, rng, seen, counts)
-            tok[done] = self.eod_id
-            for r in np.flatnonzero(~done):
-                generated[r].append(int(tok[r]))
-                if tok[r] == self.eod_id:
-                    done[r] = True
-                elif texts is not None:
-                    texts[r].push(int(tok[r]))
-                    done[r] = texts[r].stopped
-            if seen is not None:
-                seen[np.arange(B), tok] = True
-            if counts is not None:
-                counts[np.arange(B), tok] += 1
-            yield generated
-            if done.all() or step == max_new_tokens - 1:
+        tokens = np.full(len(seqs), self.eod_id, np.int64)  # finished rows feed <eod>, never read
+        while True:
+            active = [i for i, s in enumerate(seqs) if not s.done]
+            live = [seqs[i] for i in active]
+            tokens[active] = choose_next(logits if len(active) == len(seqs) else logits[active], live, self.decodable)
+            pieces = [""] * len(seqs)
+            for i, s in zip(active, live):
+                pieces[i] = s.accept(int(tokens[i]))
+            yield pieces
+            if all(s.done for s in seqs):
                 return
-            logits = self.decoder.step(state, tok)
+            logits = self.decoder.step(state, tokens)
 
     def stream(self, prompt: str, max_length: int | None = None, max_new_tokens: int | None = None,
                truncate_prompt: bool = False, **sampling) -> Iterator[str]:
         """Text pieces of one continuation as they are decoded (whole characters only)."""
         req = self.prepare([prompt], max_length, max_new_tokens, truncate_prompt)
-        cfg = SamplingConfig(**sampling_keywords(sampling))
-        text = TextStream(self.tokenizer, cfg.stop)
-        for out in self.iter_ids(req.prompts, req.max_new_tokens, 1, cfg):
-            tok = out[0][-1]
-            if tok != self.eod_id and (piece := text.push(tok)):
-                yield piece
-        if rest := text.finish():
+        seqs = self.sequences(req.prompts, req.max_new_tokens, self.sampling(**sampling))
+        for pieces in self.decode(req.prompts, seqs):
+            if pieces[0]:
+                yield pieces[0]
+        if rest := seqs[0].rest():
             yield rest
 
 
@@ -209,28 +177,3 @@ def _tensorrt_decoder(bundle: Bundle, verify: bool):
     if verify:
         bundle.verify([file, bundle.manifest["tokenizer"]["file"]])
     return TensorRTDecoder(bundle.resolve(file), engines[name], bundle.config), name
-
-
-def check_choices(num_return_sequences, do_sample: bool) -> None:
-    """Sequences per prompt: at least one, and more only when sampling (greedy would repeat one)."""
-    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
-        raise GenerationError(f"num_return_sequences must be a whole number >= 1, got {num_return_sequences!r}")
-    if not do_sample and num_return_sequences > 1:
-        raise GenerationError("num_return_sequences > 1 needs do_sample (greedy would repeat one sequence)")
-
-
-def sampling_keywords(sampling: dict) -> dict:
-    """The keywords SamplingConfig (frozen, hashable) takes: stop and logit_bias as tuples."""
-    if "stop" in sampling:
-        stop = sampling["stop"]
-        sampling = dict(sampling, stop=(stop,) if isinstance(stop, str) else tuple(stop or ()))
-    if isinstance(sampling.get("logit_bias"), dict):
-        sampling = dict(sampling, logit_bias=tuple(sorted(sampling["logit_bias"].items())))
-    return sampling
-
-
-def _seen_from(rows: list[list[int]], vocab: int) -> np.ndarray:
-    seen = np.zeros((len(rows), vocab), bool)
-    for r, ids in enumerate(rows):
-        seen[r, ids] = True
-    return seen
