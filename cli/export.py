@@ -42,7 +42,10 @@ def variants_table(manifest: dict) -> Table:
         held = (f"{len(held['kept'])} MatMul(s): {', '.join(sorted(set(held['kept'].values())))}; "
                 f"plain KL {held['plain_mean_kl']:.1e}, step {held['plain_step_ms']:.2f} → {held['step_ms']:.2f} ms"
                 if held else "")
-        table.add_row(name + default, g.get("kv_cache", "concat"), f"{mb:,.1f}", f"{p['logits_max_abs_diff']:.2e}",
+        kv = g.get("kv_cache", "concat")
+        if g.get("kv_dtype") == "int8":
+            kv += f" int8 (KL {g['kv_parity']['mean_kl']:.1e} vs fp32 cache)"
+        table.add_row(name + default, kv, f"{mb:,.1f}", f"{p['logits_max_abs_diff']:.2e}",
                       f"{p['top1_agreement']:.1%}", f"{p['mean_kl']:.1e}", gate, *(held,) * any_held)
     return table
 
@@ -102,16 +105,23 @@ def summary_table(out: Path, manifest: dict) -> Table:
                    "several times faster; this flag keeps an int4-only bundle at its smallest.")
 @click.option("--int4-block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
               help="Weights per fp32 scale in cpu-int4's 4-bit MatMuls. Larger blocks store fewer scales, so a "
-                   "batch-1 decode step reads fewer bytes: CPM-Small here decodes 1.16x (64) and 1.35x (128) as "
-                   "fast as with 32, for coarser weights (mean KL 1.4x and 2x on a trained small model; README). "
-                   "The gate still holds.")
+                   "batch-1 decode step reads fewer bytes and runs faster, for coarser weights (benchmarks/README.md "
+                   "has the numbers). The gate still holds.")
+@click.option("--kv-cache", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="int8: the CPU graphs keep their KV cache as int8 with per-channel scales calibrated on the "
+                   "reference model: a quarter of the memory per cached token, faster attention over long "
+                   "contexts. Each graph is checked against its fp32 cache (after short and long contexts) "
+                   "before the bundle is written.")
+@click.option("--kv-calibration", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="With --kv-cache int8: text like what you will serve (one per line) to calibrate the scales on; "
+                   "default: built-in Chinese sentences.")
 @click.option("--num-heads", type=click.IntRange(1), help="Attention heads, for original checkpoints that do not store it.")
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime threads during verification.")
 @click.option("-f", "--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", is_flag=True, help="Informational messages too.")
 def main(src, out, tokenizer, opset, atol, rtol, target, precisions, variants_only, max_kl, no_fallback, no_int4_prefill,
-         int4_block_size, num_heads, threads, overwrite, quiet, verbose):
+         int4_block_size, kv_cache, kv_calibration, num_heads, threads, overwrite, quiet, verbose):
     """Export the CPM checkpoint SRC to a verified ONNX bundle OUT.
 
     SRC is a Hugging Face GPT-2 folder (config.json + model.safetensors, pytorch_model.bin or a
@@ -128,6 +138,7 @@ def main(src, out, tokenizer, opset, atol, rtol, target, precisions, variants_on
       cpm-export ./ckpt ./bundle-int4 -P int4 --variants-only
       cpm-export ./ckpt ./bundle-int4-small -P int4 --variants-only --no-int4-prefill
       cpm-export ./ckpt ./bundle-int4-fast -P int4 --int4-block-size 64
+      cpm-export ./ckpt ./bundle-serve -P int8 --variants-only --kv-cache int8
       cpm-export ./ckpt ./bundle-v100 --target trt -P fp16
     """
     setup_logging(verbose)
@@ -141,10 +152,12 @@ def main(src, out, tokenizer, opset, atol, rtol, target, precisions, variants_on
             check_request(t, p)
     if int4_block_size != "32" and (target, "int4") not in requested:
         raise click.UsageError("--int4-block-size applies to the cpu-int4 variant: add -P int4")
+    if kv_calibration is not None and kv_cache != "int8":
+        raise click.UsageError("--kv-calibration goes with --kv-cache int8")
     options = ExportOptions(opset=opset, atol=atol, rtol=rtol, tokenizer=tokenizer, n_heads=num_heads,
                             overwrite=overwrite, threads=threads, variants=requested, variants_only=variants_only,
                             max_kl=max_kl, fallback=not no_fallback, int4_prefill=not no_int4_prefill,
-                            int4_block_size=int(int4_block_size))
+                            int4_block_size=int(int4_block_size), kv_cache=kv_cache, kv_calibration=kv_calibration)
     console = Console()
     try:
         with stage_progress(STAGES, enabled=not quiet) as step:

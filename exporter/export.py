@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from .. import __version__
-from ..optimize import score_graph, variants
+from ..optimize import kv_int8, score_graph, variants
 from ..optimize.quantize import BLOCK_SIZE
 from ..runtime.bundle.reader import (BASE_DATA, FORMAT, FORMAT_VERSION, FULL_GRAPH, GENERATION_GRAPH, HF_CONFIG, MANIFEST,
                               sha256_file)
@@ -23,6 +24,7 @@ from ..runtime.backends.session import OnnxRuntimeRunner
 from ..runtime.text.tokenizer import DEFAULT_VOCAB, CPMTokenizer
 from .config import ConfigError
 from .external_data import ExternalDataWriter
+from .kv_calibration import calibration_rows, kv_scales, read_calibration
 from .load import load_checkpoint
 from .onnx_graph import DIMS, build_decoder, io_spec, nodes_per_layer
 from .staging import check_output, staged_dir
@@ -52,6 +54,8 @@ class ExportOptions:
     fallback: bool = True  # int8/int4 missing the gate: hold back the MatMuls that cost the accuracy
     int4_prefill: bool = True  # cpu-int4 runs prompts on the int8 graph (built for it when not asked for)
     int4_block_size: int = BLOCK_SIZE  # cpu-int4's 4-bit weight blocks: 32, 64 or 128 (faster decode, coarser weights)
+    kv_cache: str = "fp32"  # "int8": the CPU shared-KV graphs keep an int8 cache with calibrated scales
+    kv_calibration: Path | None = None  # text (one per line) the int8 cache's scales are calibrated on
 
 
 def tool_versions() -> dict:
@@ -79,6 +83,11 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
     src, out = Path(src), Path(out)
     check_output(out.absolute(), options.overwrite)
     variants.check_int4_block_size(options.int4_block_size)
+    if options.kv_cache not in ("fp32", "int8"):
+        raise variants.VariantError(f"unknown KV cache type {options.kv_cache!r}; choose fp32 or int8")
+    if options.kv_cache == "int8" and not any(t == "cpu" for t, _ in options.variants):
+        raise variants.VariantError("--kv-cache int8 applies to the CPU graphs: export -P fp32, int8 or int4 for "
+                                    "--target cpu")
     if options.tokenizer is not None and not Path(options.tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer model {options.tokenizer} not found")
     step = progress or (lambda *a: None)
@@ -99,6 +108,7 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
     for i, case in enumerate(CASES):
         expected.append(reference(ckpt.model, case))
         step("reference", i + 1, len(CASES))
+    kv8 = _calibrate_kv_cache(ckpt.model, cfg, tokenizer, options, step) if options.kv_cache == "int8" else None
 
     with staged_dir(out, options.overwrite) as tmp:
         graphs, data_sha = _write_base_graphs(tmp, ckpt, options.opset, step)
@@ -110,6 +120,8 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
         ranges = _fp16_ranges(tmp, expected, tokenizer, step) if any(p == "fp16" for _, p in options.variants) else None
         gate = QualityGate(tmp, cfg.to_dict(), expected, options.max_kl, options.fallback, options.threads)
         _build_variants(tmp, graphs, cfg.n_layer, gate, options, step)
+        if kv8 is not None:
+            _int8_caches(tmp, graphs, gate, *kv8, step)
         _add_score_graphs(tmp, graphs, gate, tokenizer, options, step)
         t_variants = time.perf_counter()
 
@@ -224,10 +236,40 @@ def _add_score_graphs(folder: Path, graphs: dict, gate: QualityGate, tokenizer: 
         step(f"score graph {key}", 0, 1)
         file = score_graph.build(folder, entry["file"])
         scorer = OnePassScorer(folder / file, tok, gate.config, key, 8, threads=options.threads)
-        report = gate.check_score(key, entry["precision"], scorer.logprobs)
+        kv8 = entry.get("kv_dtype") == "int8" and entry["precision"] == "fp32"
+        report = gate.check_score(key, "kv-int8" if kv8 else entry["precision"], scorer.logprobs)
         del scorer
         entry["score"] = {"file": file, "data": entry["data"], "parity": report}
         step(f"score graph {key}", 1, 1)
+
+
+def _calibrate_kv_cache(model, cfg, tokenizer: Path, options: ExportOptions, step) -> tuple[dict, list]:
+    """The int8 cache's scales (from the reference model on calibration text) and the rows its gate
+    runs along (other text, other random ids)."""
+    tok = CPMTokenizer(tokenizer)
+    lines = read_calibration(options.kv_calibration) if options.kv_calibration else None
+    step("KV cache calibration", 0, 1)
+    scales = kv_scales(model, calibration_rows(tok, cfg.n_positions, cfg.vocab_size, lines))
+    step("KV cache calibration", 1, 1)
+    return scales, calibration_rows(tok, cfg.n_positions, cfg.vocab_size, SAMPLE_TEXT, seed=1)
+
+
+def _int8_caches(folder: Path, graphs: dict, gate: QualityGate, scales: dict, rows: list, step) -> None:
+    """--kv-cache int8: each CPU shared-KV graph is rewritten to keep an int8 cache and checked against
+    its fp32 cache (with its prompt graph's int8 twin, which shares its buffers); all pass, or no bundle."""
+    keys = [k for k, g in graphs.items() if g.get("target") == "cpu" and g.get("kv_cache") == "shared"]
+    built = {graphs[k]["file"]: kv_int8.build(folder, graphs[k]["file"], scales) for k in keys}
+    reports = {}
+    for i, key in enumerate(keys):
+        step("int8 KV cache", i, len(keys))
+        g = graphs[key]
+        twin = {"file": built[g["file"]]} | ({"prefill": {"file": built[g["prefill"]["file"]]}} if g.get("prefill") else {})
+        reports[key] = gate.kv_cache(key, g, twin, rows)
+    step("int8 KV cache", len(keys), len(keys))
+    for key in keys:
+        graphs[key] |= {"kv_dtype": "int8", "kv_parity": reports[key]}
+    for plain, twin in built.items():
+        os.replace(folder / twin, folder / plain)
 
 
 def _label(key: str, options: ExportOptions) -> str:

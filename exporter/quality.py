@@ -17,12 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..optimize import variants
 from ..optimize.quantize import RUNGS as QUANTIZE_RUNGS
 from ..runtime.backends import open_decoder
 from ..runtime.backends.session import OnnxRuntimeRunner
 from .errors import ParityError
-from .verify import run_parity, score_parity, shared_kv_inputs
+from .verify import mean_kl, run_parity, score_parity, shared_kv_inputs
 
 SHARED_KV_CAPACITY = 32  # >= the longest verification case (past 9 + 17)
 
@@ -41,7 +43,12 @@ GATES = {
 # generation; reduced precisions are held by their generation graph's KL gate, and their twin's mean
 # gap only catches a broken rewrite (a few outlier positions of a held-back model reach 1-2 nats).
 SCORE_GATES = {"fp32": {"max_abs_diff": 1e-3}, "fp16": {"mean_abs_diff": 0.5}, "int8": {"mean_abs_diff": 0.5},
-               "int4": {"mean_abs_diff": 1.0}}
+               "int4": {"mean_abs_diff": 1.0}, "kv-int8": {"mean_abs_diff": 0.5}}
+
+# An int8 KV cache against the same graph with an fp32 cache: the mean KL of next-token
+# distributions over decode steps that read the quantized cache, after a short and a long context.
+KV_GATE = {"max_mean_kl": 1e-3}
+KV_STEPS = 32
 
 # an int8 variant has no "int8 weights" rung to fall back to
 RUNGS = {"int8": tuple(r for r in QUANTIZE_RUNGS if r != "int8"), "int4": QUANTIZE_RUNGS}
@@ -134,6 +141,33 @@ class QualityGate:
             raise variants.VariantError(f"the scoring graph of {key} misses its gate: log-probabilities "
                                         f"{what.replace('_', ' ')} {report[f'logprobs_{what}']:.3g} > {limit:g}; "
                                         "no bundle was written")
+        return report
+
+    def kv_cache(self, key: str, plain: dict, kv8: dict, rows: list[list[int]]) -> dict:
+        """The int8-cache graph ``kv8`` against ``plain`` (manifest entries: file, prefill), teacher-forced
+        along ``rows``: KV_STEPS decode steps after a short context and after a long one (the model's
+        positions less the steps: 992 of CPM's 1024). Raises VariantError when it misses KV_GATE."""
+        n = self.config["n_positions"]
+        contexts = sorted({min(16, n // 4), n - KV_STEPS - 1})
+        decoders = [open_decoder(self.folder / g["file"], self.config, "shared", threads=self.threads,
+                                 prefill_path=self.folder / g["prefill"]["file"] if g.get("prefill") else None)
+                    for g in (plain, kv8)]
+        kls, agree = [], []
+        for row in rows:
+            for context in contexts:
+                (la, sa), (lb, sb) = (d.prefill([row[:context]], context + KV_STEPS + 1) for d in decoders)
+                for token in row[context:context + KV_STEPS]:
+                    kls.append(mean_kl(la, lb))
+                    agree.append(bool(la.argmax() == lb.argmax()))
+                    step = np.array([token], np.int64)
+                    la, lb = decoders[0].step(sa, step), decoders[1].step(sb, step)
+        report = {"mean_kl": float(np.mean(kls)), "max_kl": float(np.max(kls)), "top1_agreement": float(np.mean(agree)),
+                  "contexts": contexts, "steps": KV_STEPS, "rows": len(rows), "gate": KV_GATE,
+                  "passed": float(np.mean(kls)) <= KV_GATE["max_mean_kl"]}
+        if not report["passed"]:
+            raise variants.VariantError(f"{key} with an int8 KV cache misses its gate: mean KL {report['mean_kl']:.3g} "
+                                        f"> {KV_GATE['max_mean_kl']:g} against its fp32 cache; export without "
+                                        "--kv-cache int8, or calibrate on text like yours (--kv-calibration)")
         return report
 
     def step_ms(self, variant: variants.Variant, repeats: int = 10) -> float:

@@ -82,7 +82,7 @@ def _reference(model: CPMModel, case: Case, seed: int) -> Expected:
     return Expected(case, feeds, outputs, mask[:, P:].bool().numpy())
 
 
-def _kl(ref: np.ndarray, got: np.ndarray) -> float:
+def mean_kl(ref: np.ndarray, got: np.ndarray) -> float:
     """Mean KL(reference || variant) of the next-token distributions, rows of [N, V]."""
     lp, lq = log_softmax(ref), log_softmax(got)
     return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
@@ -102,7 +102,7 @@ def metrics(case: str, logits: tuple[np.ndarray, np.ndarray], presents: list[tup
     ok &= bool(np.all(diff <= atol + rtol * np.abs(e_log)))
     return {"case": case, "passed": ok, "logits_max_abs_diff": float(diff.max(initial=0.0)),
             "presents_max_abs_diff": worst_present,
-            "top1_agreement": float(np.mean(e_log.argmax(-1) == a_log.argmax(-1))), "mean_kl": _kl(e_log, a_log)}
+            "top1_agreement": float(np.mean(e_log.argmax(-1) == a_log.argmax(-1))), "mean_kl": mean_kl(e_log, a_log)}
 
 
 def _at_real(e: np.ndarray, a: np.ndarray, real: np.ndarray):

@@ -47,8 +47,7 @@ class ServerConfig:
         bundle = Bundle.open(self.bundle, verify=False)
         name = self.graph or bundle.default_graph
         capacity = min(self.max_total or bundle.config["n_positions"], bundle.config["n_positions"])
-        kv_bytes = 2 if bundle.graph(name).get("precision") == "fp16" else 4
-        serving_memory(bundle, name, kv_bytes).check(self.max_batch, capacity, f"{self.name} ({name})")
+        serving_memory(bundle, name).check(self.max_batch, capacity, f"{self.name} ({name})")
 
     def load(self):
         """Check the memory, load the bundle, warm the engine up and start it."""

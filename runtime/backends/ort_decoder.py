@@ -21,7 +21,7 @@ import numpy as np
 from ..system import huge_pages
 from .kv_pool import KVPool
 from .padding import left_pad, right_pad
-from .session import create_session
+from .session import create_session, np_type
 
 # Prompts longer than this run in chunks, each attending to what the earlier ones cached:
 # GroupQueryAttention computes the whole masked square of a prompt, so chunks skip half of the
@@ -57,7 +57,7 @@ class _OrtDecoder:
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.n_layer) for k in ("key", "value")]
         types = {i.name: i.type for i in self.session.get_inputs()}
-        self.dtype = np.float16 if types[self.past_names[0]] == "tensor(float16)" else np.float32
+        self.dtype = np_type(types[self.past_names[0]])  # the KV cache's: float32, float16 or int8
         self.present_names = [f"present.{i}.{k}" for i in range(self.n_layer) for k in ("key", "value")]
 
     def step_session(self, batch: int):

@@ -90,13 +90,14 @@ class OnnxRuntimeRunner:
     def __init__(self, path: str | Path, provider: str = "cpu", threads: int | None = None, optimize: bool = True):
         self.session = create_session(path, provider, threads, optimize)
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.input_types = {i.name: _np_type(i.type) for i in self.session.get_inputs()}
+        self.input_types = {i.name: np_type(i.type) for i in self.session.get_inputs()}
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {k: v.astype(self.input_types.get(k, v.dtype), copy=False) for k, v in feeds.items()}
         return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
 
 
-def _np_type(ort_type: str):
+def np_type(ort_type: str):
+    """The numpy type of an onnxruntime tensor type (None for others)."""
     return {"tensor(float16)": np.float16, "tensor(float)": np.float32, "tensor(int64)": np.int64,
-            "tensor(int32)": np.int32}.get(ort_type, None)
+            "tensor(int32)": np.int32, "tensor(int8)": np.int8}.get(ort_type, None)

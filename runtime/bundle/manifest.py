@@ -63,6 +63,7 @@ class Graph(_Strict):
     data: RelPath | None = None
     precision: str = "fp32"
     kv_cache: Literal["concat", "shared"] = "concat"
+    kv_dtype: Literal["fp32", "fp16", "int8"] | None = None  # what the KV cache holds; None: the precision's
     prefill: GraphFile | None = None  # the graph prompts run on, sharing the KV buffers
     score: GraphFile | None = None  # its scoring twin: every position's log-probability in one pass
 

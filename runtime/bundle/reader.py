@@ -147,6 +147,12 @@ class Bundle:
             raise BundleError(f"bundle has no graph {variant!r}; it has {', '.join(graphs) or 'none'}")
         return graphs[variant]
 
+    def kv_bytes(self, variant: str) -> int:
+        """Bytes per cached key or value element of a graph: 1 for an int8 cache, 2 fp16, 4 fp32."""
+        g = self.graph(variant)
+        dtype = g.get("kv_dtype") or ("fp16" if g.get("precision") == "fp16" else "fp32")
+        return {"int8": 1, "fp16": 2}.get(dtype, 4)
+
     @property
     def default_graph(self) -> str:
         """The graph generation uses unless told otherwise (the manifest's choice)."""

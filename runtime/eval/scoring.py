@@ -25,7 +25,7 @@ import numpy as np
 from ..bundle.reader import Bundle, BundleError
 from ..backends.ort_decoder import kv_buffers, prompt_feeds
 from ..backends.padding import right_pad
-from ..backends.session import create_session
+from ..backends.session import create_session, np_type
 from ..text.tokenizer import CPMTokenizer
 from .metrics import continuation_logprobs
 
@@ -81,7 +81,7 @@ class OnePassScorer(Scorer):
         self.kv_shape = [cfg["n_head"], cfg["n_embd"] // cfg["n_head"]]
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         kv_type = next(i.type for i in self.session.get_inputs() if i.name == self.past_names[0])
-        self.kv_dtype = np.float16 if kv_type == "tensor(float16)" else np.float32
+        self.kv_dtype = np_type(kv_type)
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         self._kv: tuple[tuple, list] = ((), [])  # the last pass's buffers, reused while its shape repeats
 

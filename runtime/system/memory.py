@@ -56,12 +56,12 @@ class ServingMemory:
         return low
 
 
-def serving_memory(bundle: Bundle, graph: str, kv_bytes: int = 4) -> ServingMemory:
-    """``kv_bytes``: bytes per cached value (4 for fp32 KV, 2 for fp16)."""
+def serving_memory(bundle: Bundle, graph: str) -> ServingMemory:
+    """What serving ``graph`` of ``bundle`` needs: its weight files, and its KV cache per position."""
     cfg = bundle.config
     files = {f for f in bundle.graph_files(graph) if f != (bundle.manifest.get("tokenizer") or {}).get("file")}
     weights = sum(bundle.manifest["files"][f]["bytes"] for f in files)
-    per_position = cfg["n_layer"] * 2 * cfg["n_embd"] * kv_bytes
+    per_position = cfg["n_layer"] * 2 * cfg["n_embd"] * bundle.kv_bytes(graph)
     return ServingMemory(weights, per_position, available_bytes())
 
 
