@@ -7,11 +7,14 @@ cpu-int4 among them) and each client count C:
              with temperature 1 and top-p P instead, in every system);
   threads  - (a) one CPMGenerator in this process, one thread per request, streaming;
   offline  - (b) the same C prompts as ONE batched generate call.
-Each measured run follows an unmeasured one of the same size (first-run allocations out of the way).
+Each measured run follows an unmeasured one of the same size, except the "first burst": the
+largest client count sent the moment a fresh server reports ready (what its first users meet).
 Reported: aggregate tokens/s, time to first token p50/p95, inter-token latency p50/p95, and
 the ratios the goals name (serve vs threads and vs offline at each C; TTFT at C vs one client).
---llama-server LABEL=URL adds a running llama-server (OpenAI routes, the same weights as GGUF,
-prompts sent as CPM token ids) as rows labelled LABEL; build and start it yourself.
+--llama-gguf LABEL=FILE starts llama-server (--llama-bin; benchmarks/peers/build_llama_cpp.sh builds
+it and converts the checkpoint) on the same weights as GGUF and loads it the same way, prompts sent
+as CPM token ids; --llama-server LABEL=URL uses one already running. --bundle serves an existing
+bundle (CPM-Large, say) instead of exporting a random CPM-Small. Peak RSS is each server's VmHWM.
 
     python benchmarks/serve_load.py --workdir /tmp/serve-load [--clients 1 4 16 64]
 Prints a table and writes benchmarks/out/serve_load.json.
@@ -121,21 +124,54 @@ def run_offline(gen, prompts: list[str], graph: str, sampling: dict) -> dict:
                    [b - a for a, b in zip(stamps, stamps[1:])])
 
 
-def start_server(bundle: Path, graph: str, port: int, max_batch: int, threads: int, prefill: int) -> subprocess.Popen:
+def start_server(bundle: Path, graph: str, port: int, max_batch: int, threads: int, prefill: int,
+                 max_total: int) -> tuple[subprocess.Popen, float]:
+    cmd = [str(Path(sys.executable).parent / "cpm-serve"), str(bundle), "-g", graph, "--port", str(port),
+           "--max-batch", str(max_batch), "--max-queue", "256", "--max-total", str(max_total), "-t", str(threads),
+           "--no-verify", "--prefill-tokens", str(prefill)]
+    return wait_ready(subprocess.Popen(cmd, stderr=subprocess.DEVNULL), port, "cpm-serve")
+
+
+def start_llama_server(binary: Path, gguf: Path, port: int, clients: int, threads: int,
+                       max_total: int) -> tuple[subprocess.Popen, float]:
+    cmd = [str(binary), "-m", str(gguf), "--port", str(port), "--host", "127.0.0.1", "-t", str(threads),
+           "-np", str(clients), "-c", str(clients * max_total), "--no-webui"]
+    return wait_ready(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, "llama-server")
+
+
+def wait_ready(proc: subprocess.Popen, port: int, what: str, timeout: float = 1200) -> tuple[subprocess.Popen, float]:
+    """The process once /health answers 200, and the seconds that took."""
     import httpx
 
-    cmd = [str(Path(sys.executable).parent / "cpm-serve"), str(bundle), "-g", graph, "--port", str(port),
-           "--max-batch", str(max_batch), "--max-queue", "256", "--max-total", "160", "-t", str(threads), "--no-verify",
-           "--prefill-tokens", str(prefill)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    for _ in range(600):
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout and proc.poll() is None:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
+                return proc, time.perf_counter() - t0
         except httpx.TransportError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("cpm-serve did not become ready")
+    raise RuntimeError(f"{what} did not become ready")
+
+
+def peak_rss_gb(proc: subprocess.Popen) -> float:
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 2**20
+
+
+def load(base: str, model: str, kind: str, graph: str, fields: dict, clients: list[int], encode=None) -> list:
+    """A first burst of the largest client count right away, then each count after a warm-up of its size."""
+    def ps(n, offset=0):
+        return [encode(p) if encode else p for p in headlines(n, offset)]
+
+    rows = [dict(run_http(base, model, ps(max(clients), 2 * WARM_UP), kind, graph, fields), first_burst=True)]
+    print(rows[-1], flush=True)
+    for c in clients:
+        run_http(base, model, ps(c, WARM_UP), "warm-up", graph, fields)
+        rows.append(run_http(base, model, ps(c), kind, graph, fields))
+        print(rows[-1], flush=True)
+    return rows
 
 
 def ensure_bundle(workdir: Path, graphs: list[str]) -> Path:
@@ -180,6 +216,11 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--port", type=int, default=8179)
     ap.add_argument("--prefill-tokens", type=int, default=128)
+    ap.add_argument("--max-total", type=int, default=160, help="positions per sequence in each server's KV cache")
+    ap.add_argument("--bundle", type=Path, help="serve this bundle instead of a random CPM-Small exported into --workdir")
+    ap.add_argument("--llama-bin", type=Path, help="llama-server, for --llama-gguf")
+    ap.add_argument("--llama-gguf", action="append", default=[], metavar="LABEL=FILE",
+                    help="start llama-server on FILE and load it the same way (repeatable)")
     ap.add_argument("--serve-only", action="store_true", help="skip the two runtime baselines (quick tuning runs)")
     ap.add_argument("--llama-server", action="append", default=[], metavar="LABEL=URL",
                     help="a running llama-server to load the same way, e.g. 'llama f32=http://127.0.0.1:8190' (repeatable)")
@@ -189,19 +230,17 @@ def main() -> None:
     args = ap.parse_args()
     fields, sampling = request_fields(args.top_p), runtime_sampling(args.top_p)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    bundle = ensure_bundle(args.workdir, args.graphs)
+    bundle = args.bundle or ensure_bundle(args.workdir, args.graphs)
 
     from cpm_deploy.runtime import CPMGenerator
 
     rows = []
     for graph in args.graphs:
-        proc = start_server(bundle, graph, args.port, args.max_batch, args.threads, args.prefill_tokens)
+        proc, ready_s = start_server(bundle, graph, args.port, args.max_batch, args.threads, args.prefill_tokens,
+                                     args.max_total)
         try:
-            base = f"http://127.0.0.1:{args.port}"
-            for c in args.clients:  # each measured run follows a warm-up of the same size (steady state)
-                run_http(base, bundle.name, headlines(c, WARM_UP), "warm-up", graph, fields)
-                rows.append(run_http(base, bundle.name, headlines(c), "cpm-serve", graph, fields))
-                print(rows[-1], flush=True)
+            served = load(f"http://127.0.0.1:{args.port}", bundle.name, "cpm-serve", graph, fields, args.clients)
+            rows += [r | {"ready_s": round(ready_s, 1), "peak_rss_gb": round(peak_rss_gb(proc), 2)} for r in served]
         finally:
             proc.terminate()
             proc.wait(60)
@@ -215,27 +254,39 @@ def main() -> None:
             print(rows[-1], flush=True)
             rows.append(run_offline(gen, headlines(c), graph, sampling))
             print(rows[-1], flush=True)
-    for spec in args.llama_server:  # its GGUF has no CPM tokenizer: the same prompts go in as CPM token ids
-        from cpm_deploy.runtime import CPMTokenizer
-        from cpm_deploy.runtime.text.tokenizer import DEFAULT_VOCAB
+    from cpm_deploy.runtime import CPMTokenizer
+    from cpm_deploy.runtime.text.tokenizer import DEFAULT_VOCAB
 
+    encode = CPMTokenizer(DEFAULT_VOCAB).encode  # a GGUF has no CPM tokenizer: prompts go in as CPM token ids
+    for spec in args.llama_server:
         label, _, url = spec.partition("=")
-        tok = CPMTokenizer(DEFAULT_VOCAB)
-        for c in args.clients:
-            run_http(url, "model", [tok.encode(p) for p in headlines(c, WARM_UP)], "warm-up", "gguf", fields)
-            rows.append(run_http(url, "model", [tok.encode(p) for p in headlines(c)], label, "gguf", fields))
-            print(rows[-1], flush=True)
+        rows += load(url, "model", label, "gguf", fields, args.clients, encode)
+    for spec in args.llama_gguf:
+        label, _, file = spec.partition("=")
+        proc, ready_s = start_llama_server(args.llama_bin, Path(file), args.port + 1, max(args.clients), args.threads,
+                                           args.max_total)
+        try:
+            served = load(f"http://127.0.0.1:{args.port + 1}", "model", label, "gguf", fields, args.clients, encode)
+            rows += [r | {"ready_s": round(ready_s, 1), "peak_rss_gb": round(peak_rss_gb(proc), 2)} for r in served]
+        finally:
+            proc.terminate()
+            proc.wait(60)
     report(rows, args.out, args.top_p)
 
 
 def report(rows: list[dict], out: Path, top_p: float | None = None) -> None:
-    print(f"\n{'system':<20}{'graph':<10}{'C':>4}{'tok/s':>9}{'TTFT p50':>10}{'p95':>8}{'ITL p50':>9}{'p95':>8}")
+    print(f"\n{'system':<20}{'graph':<10}{'C':>5}{'tok/s':>9}{'TTFT p50':>10}{'p95':>8}{'ITL p50':>9}{'p95':>8}"
+          f"{'RSS GB':>8}")
     for r in rows:
-        print(f"{r['system']:<20}{r['graph']:<10}{r['clients']:>4}{r['tokens_per_s']:>9.1f}{r['ttft_p50_ms']:>10.0f}"
-              f"{r['ttft_p95_ms']:>8.0f}{r['itl_p50_ms']:>9.1f}{r['itl_p95_ms']:>8.1f}")
+        c = f"{r['clients']}{'*' if r.get('first_burst') else ''}"
+        print(f"{r['system']:<20}{r['graph']:<10}{c:>5}{r['tokens_per_s']:>9.1f}{r['ttft_p50_ms']:>10.0f}"
+              f"{r['ttft_p95_ms']:>8.0f}{r['itl_p50_ms']:>9.1f}{r['itl_p95_ms']:>8.1f}{r.get('peak_rss_gb', float('nan')):>8.2f}")
+    print("* the first burst, sent the moment the server reported ready")
     ratios = []
-    for r in (r for r in rows if r["system"] == "cpm-serve" and any(x["system"] == "threads (a)" for x in rows)):
-        same = {x["system"]: x for x in rows if x["graph"] == r["graph"] and x["clients"] == r["clients"]}
+    for r in (r for r in rows if r["system"] == "cpm-serve" and not r.get("first_burst")
+              and any(x["system"] == "threads (a)" for x in rows)):
+        same = {x["system"]: x for x in rows if x["graph"] == r["graph"] and x["clients"] == r["clients"]
+                and not x.get("first_burst")}
         idle = next(x for x in rows if x["system"] == "cpm-serve" and x["graph"] == r["graph"] and x["clients"] == min(
             y["clients"] for y in rows if y["system"] == "cpm-serve"))
         ratios.append({"graph": r["graph"], "clients": r["clients"],
@@ -246,8 +297,28 @@ def report(rows: list[dict], out: Path, top_p: float | None = None) -> None:
     for x in ratios:
         print(f"{x['graph']:<10}{x['clients']:>4}{x['vs_threads']:>15.2f}{x['vs_offline']:>15.2f}{x['ttft_vs_idle']:>11.2f}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"new_tokens": NEW_TOKENS, "top_p": top_p, "rows": rows, "ratios": ratios,
+    bursts = burst_ratios(rows)
+    for b in bursts:
+        print(f"{b['system']} {b['graph']}: first burst {b['first_vs_warm_tokens']:.2f}x the warm burst's tokens/s, "
+              f"TTFT p50 {b['first_vs_warm_ttft']:.2f}x warm; warm TTFT p50 {b['warm_ttft_vs_idle']:.2f}x idle")
+    out.write_text(json.dumps({"new_tokens": NEW_TOKENS, "top_p": top_p, "rows": rows, "ratios": ratios, "bursts": bursts,
                                "median_itl_ms": statistics.median([r["itl_p50_ms"] for r in rows])}, indent=2) + "\n")
+
+
+def burst_ratios(rows: list[dict]) -> list[dict]:
+    """Per server: the first burst against the warm burst of the same size, and that against one client."""
+    out = []
+    for first in (r for r in rows if r.get("first_burst")):
+        same = [r for r in rows if r["system"] == first["system"] and r["graph"] == first["graph"]
+                and not r.get("first_burst")]
+        warm = next((r for r in same if r["clients"] == first["clients"]), None)
+        idle = min(same, key=lambda r: r["clients"], default=None)
+        if warm and idle:
+            out.append({"system": first["system"], "graph": first["graph"], "clients": first["clients"],
+                        "first_vs_warm_tokens": round(first["tokens_per_s"] / warm["tokens_per_s"], 2),
+                        "first_vs_warm_ttft": round(first["ttft_p50_ms"] / warm["ttft_p50_ms"], 2),
+                        "warm_ttft_vs_idle": round(warm["ttft_p50_ms"] / idle["ttft_p50_ms"], 2)})
+    return out
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def train(vocab_file: Path, lines: list[str], out: Path, recipe: dict | None = N
     r = RECIPE | (recipe or {})
     tok = CPMTokenizer(vocab_file)
     cfg = CPMConfig(n_layer=r["n_layer"], n_embd=r["n_embd"], n_head=r["n_head"],
-                    vocab_size=tok.vocab_size, n_positions=128)
+                    vocab_size=tok.vocab_size, n_positions=r.get("n_positions", 128))
     stream = []
     for line in lines[:r["lines"]]:
         stream += tok.encode(line) + [tok.eod_id]
