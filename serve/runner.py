@@ -37,12 +37,14 @@ class ModelRunner:
 
     def warm_up(self, prompt: list[int], full: bool = True) -> float:
         """Pay first-run costs before requests do; returns the seconds it took. Always: onnxruntime's
-        first run. ``full``: every page of the KV pool, a prompt group of each power-of-two size up
-        to the batch, and a decode step at every batch width (each width binds its KV views once).
-        What it writes into the pool is overwritten by the next prefill of each slot, never read."""
+        first run. ``full``: the weights' move onto huge pages (it competes with requests while it
+        runs), every page of the KV pool, a prompt group of each power-of-two size up to the batch,
+        and a decode step at every batch width (each width binds its KV views once). What it writes
+        into the pool is overwritten by the next prefill of each slot, never read."""
         t0 = time.perf_counter()
         self.prefill([prompt], 0)
         if full:
+            self.decoder.settle()
             self.pool.touch()
             group_prompt = (prompt * 8)[:max(1, min(32, self.capacity - 1))]
             group = 1

@@ -21,7 +21,7 @@ def test_onnxruntime_decoders_implement_the_protocol(trained_bundle):
 
 def test_the_tensorrt_decoder_declares_every_method():
     """Its construction needs a GPU: the class is checked, and its signatures against the protocol's."""
-    for name in ("prefill", "step", "own_graph_steps"):
+    for name in ("prefill", "step", "own_graph_steps", "settle"):
         ours = inspect.signature(getattr(TensorRTDecoder, name))
         declared = inspect.signature(getattr(Decoder, name))
         assert list(ours.parameters) == list(declared.parameters), name

@@ -40,11 +40,13 @@ def test_a_burst_is_admitted_before_decoding_but_running_rows_wait_at_most_the_d
 
 def test_admission_takes_the_queue_in_order_within_slots_and_the_prompt_budget():
     sched = Scheduler(SchedulerLimits(max_batch=4, max_queue=8, prefill_tokens=12))
-    for length, n in [(30, 1), (4, 1), (4, 2), (1, 1), (1, 1)]:
+    for length, n in [(30, 1), (4, 1)]:
         sched.enqueue(request(length, n))
     first = sched.admit()
     assert [len(r.prompt) for r in first] == [30]  # over the budget, yet the first always goes
     sched.rows = [row()]
+    for length, n in [(4, 2), (1, 1)]:
+        sched.enqueue(request(length, n))
     second = sched.admit()
     assert [(len(r.prompt), r.n) for r in second] == [(4, 1), (4, 2)]  # 4 + 8 tokens: the whole budget
     sched.rows += [row(), row(), row()]
@@ -52,6 +54,15 @@ def test_admission_takes_the_queue_in_order_within_slots_and_the_prompt_budget()
     sched.limits = SchedulerLimits(max_batch=4, max_queue=1)
     with pytest.raises(QueueFull, match="--max-queue 1"):
         sched.enqueue(request(1))
+
+
+def test_a_burst_sends_at_least_half_of_the_queue_into_the_first_prefill():
+    sched = Scheduler(SchedulerLimits(max_batch=16, max_queue=64, prefill_tokens=8))
+    for _ in range(15):
+        sched.enqueue(request(6))
+    assert len(sched.admit()) == 8  # the budget alone would take 2 (12 tokens); the median goes first
+    sched.rows = [row()] * 8
+    assert len(sched.admit()) == 4  # then half of what is left
 
 
 def test_compaction_keeps_running_rows_a_dense_prefix():

@@ -60,6 +60,10 @@ class _OrtDecoder:
         self.dtype = np_type(types[self.past_names[0]])  # the KV cache's: float32, float16 or int8
         self.present_names = [f"present.{i}.{k}" for i in range(self.n_layer) for k in ("key", "value")]
 
+    def settle(self) -> None:
+        if self.huge_pages is not None:
+            self.huge_pages.join()
+
     def step_session(self, batch: int):
         """The session a decode step of ``batch`` rows runs on."""
         wide = self.steps_on_prompt_graph_from is not None and batch >= self.steps_on_prompt_graph_from

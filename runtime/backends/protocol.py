@@ -34,6 +34,10 @@ class Decoder(Protocol):
         """Within it, every step runs on the decoder's own graph (not on a faster prompt graph for
         wide batches): for measuring that graph."""
 
+    def settle(self) -> None:
+        """Wait for work the load started in the background (moving the weights onto huge pages) to
+        finish, so that it competes with no request."""
+
 
 @runtime_checkable
 class SlotDecoder(Decoder, Protocol):

@@ -65,6 +65,9 @@ class TensorRTDecoder:
     def own_graph_steps(self):
         return nullcontext(self)  # one engine: every step is its own
 
+    def settle(self) -> None:
+        pass  # nothing runs in the background
+
     def _alloc(self, nbytes: int) -> int:
         return int(check(self.rt.cudaMalloc(nbytes)))
 
