@@ -3,8 +3,8 @@
 Input: the exporter's last-position decoder graph (standard ops). Output: per layer one
 GroupQueryAttention over a shared KV buffer, FastGelu with its bias, and (for CUDA) two
 SkipLayerNormalization. CPU graphs keep Add + LayerNormalization: onnxruntime 1.32's CPU
-SkipLayerNormalization is 4x slower than the pair on a 512-row input and no faster on one row
-(int8 graph, 2 cores: 512-token prompt 160 -> 130 ms, batch-16 step 10.7 -> 9.6 ms).
+SkipLayerNormalization is slower than the pair on long inputs and no faster on one row
+(docs/design.md).
 A pass that must fire and fires fewer times than expected fails the export: a silent
 non-fusion is a performance bug that nothing else would catch.
 """

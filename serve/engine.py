@@ -147,10 +147,12 @@ class Engine:
         with self._cv:
             self._accepting = False
             self._cv.wait_for(lambda: self._idle or not self.running, timeout=drain_s)
-            for r in list(self.scheduler.waiting) + [s.request for s in self.scheduler.rows]:
-                r.cancel()
-            self._stop = True
+            self._stop = True  # the loop cancels what is left: only its thread touches the rows
             self._cv.notify_all()
+            if self._thread is None:  # never started: nothing runs, the queue is answered here
+                for r in self.scheduler.waiting:
+                    self._finish_waiting(r, "cancelled")
+                self.scheduler.waiting.clear()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
@@ -169,11 +171,14 @@ class Engine:
                 self._cv.notify_all()  # a shutdown waiting for the engine to drain
                 while sched.idle and not self._stop:
                     self._cv.wait()
-                if self._stop and not sched.rows:
+                if self._stop:
                     for r in sched.waiting:
                         self._finish_waiting(r, "cancelled")
                     sched.waiting.clear()
-                    return
+                    for s in sched.rows:
+                        s.request.cancel()  # retired as cancelled by the next pass
+                    if not sched.rows:
+                        return
             try:
                 self._pass()
             except Exception as e:  # noqa: BLE001 - a bug in one pass fails what ran in it; serving goes on

@@ -4,11 +4,9 @@ A decode step streams every weight once per token. onnxruntime keeps its weights
 its kernels) in plain ``malloc`` memory, which under the usual ``madvise`` THP setting stays on
 4 KiB pages: a TLB miss every 4 KiB of a step's hundreds of megabytes. The anonymous memory
 mapped while a decoder's sessions are created is collapsed into 2 MiB pages (``MADV_COLLAPSE``)
-by a low-priority background thread: collapsing costs ~2.5 ms per MB (CPM-Small fp32: ~1 s), so
-loading does not wait for it, and the kernel keeps the memory's contents while it works.
-CPM-Small, 2 cores, batch-1 decode interleaved in one process, four runs: fp32 +9 to +15%,
-int8 +8 to +16%, int4 +1 to +7%; CPM-Large: int4 +14%, int8 +13% (collapsed in 5 / 8 s).
-``CPM_DEPLOY_HUGE_PAGES=0`` turns it off.
+by a low-priority background thread, so loading does not wait for it (a server's warm-up does:
+``Decoder.settle``), and the kernel keeps the memory's contents while it works. Decode steps get
+faster by roughly a tenth (docs/design.md). ``CPM_DEPLOY_HUGE_PAGES=0`` turns it off.
 """
 
 from __future__ import annotations
