@@ -34,6 +34,7 @@ def step_ms(bundle: Path, graph: str, batch: int, cached: int, steps: int, threa
     from cpm_deploy.runtime import CPMGenerator
 
     gen = CPMGenerator.from_bundle(bundle, variant=graph, threads=threads, verify=False)
+    gen.decoder.settle()  # the weights' move onto huge pages would compete with the steps timed
     rng = np.random.default_rng(0)
     rows = rng.integers(100, 20000, (batch, cached)).tolist()
     with gen.decoder.own_graph_steps():
