@@ -123,12 +123,16 @@ def main() -> None:
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
     metrics = ["decode_b1", "decode_b16", "serve16_tokens_per_s", "serve16_ttft_p50_ms"]
-    print(f"medians of {args.rounds} alternating runs; baseline {args.baseline}, this {head} (working tree)")
-    print(f"{'graph':<10} {'metric':<22} {'baseline':>10} {'this':>10} {'ratio':>7}")
+    print(f"medians of {args.rounds} alternating runs; baseline {args.baseline}, this {head} (working tree); "
+          "pair ratio: the median of each round's this / baseline, which the machine's drift moves less")
+    print(f"{'graph':<10} {'metric':<22} {'baseline':>10} {'this':>10} {'ratio':>7} {'pair ratio':>11} {'spread':>13}")
     for graph, r in results.items():
         for m in metrics:
             a, b = r["baseline"][m], r["this"][m]
-            print(f"{graph:<10} {m:<22} {a:>10.1f} {b:>10.1f} {b / a:>7.2f}")
+            pairs = sorted(x[m] / y[m] for x, y in zip(r["this"]["runs"], r["baseline"]["runs"]))
+            r.setdefault("pair_ratio", {})[m] = statistics.median(pairs)
+            print(f"{graph:<10} {m:<22} {a:>10.1f} {b:>10.1f} {b / a:>7.2f} {statistics.median(pairs):>11.2f} "
+                  f"{pairs[0]:>6.2f}-{pairs[-1]:<6.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"baseline": args.baseline, "this": head, "bundle": str(bundle),
                                     "rounds": args.rounds, "threads": args.threads, "results": results}, indent=2))
