@@ -163,3 +163,13 @@ def test_generation_needs_no_torch_or_onnx(trained_bundle):
             "bad = {'torch', 'onnx', 'onnxscript', 'onnx_ir', 'transformers'} & set(sys.modules); assert not bad, bad")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_stop_string_is_one_string_not_its_characters(trained_generator):
+    gen, prompt = trained_generator, "股市"
+    endless = {"logit_bias": {gen.eod_id: -100.0}}
+    cont = gen(prompt, max_new_tokens=24, **endless)[0]["generated_text"][len(prompt):]
+    # a pair whose second character came earlier: cut at its characters, the text would end there
+    i = next(i for i in range(1, len(cont) - 1) if cont[i + 1] in cont[:i] and cont.find(cont[i:i + 2]) == i)
+    out = gen(prompt, max_new_tokens=24, stop=cont[i:i + 2], **endless)[0]["generated_text"]
+    assert out == prompt + cont[:i]

@@ -75,7 +75,7 @@ class CPMGenerator:
         texts = [prompts] if single else list(prompts)
         ids = self.generate_ids(texts, max_length=max_length, max_new_tokens=max_new_tokens,
                                 num_return_sequences=num_return_sequences, truncate_prompt=truncate_prompt, **sampling)
-        stop = tuple(sampling.get("stop") or ())
+        stop = self.sampling(**sampling).stop  # a string is one stop string, not its characters
         out = [[{"generated_text": text + self._finish(ids[i * num_return_sequences + j], stop)}
                 for j in range(num_return_sequences)] for i, text in enumerate(texts)]
         return out[0] if single else out
