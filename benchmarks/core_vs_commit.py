@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
-import json, statistics, sys, threading, time
+import json, queue, statistics, sys, threading, time
 bundle, graph, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 from cpm_deploy.runtime import CPMGenerator, SamplingConfig
 try:
@@ -47,7 +47,7 @@ with Engine.from_bundle(bundle, graph=graph, threads=threads, verify=False, max_
 
     def client(ids):
         t0 = time.perf_counter()
-        events = __import__("queue").Queue()
+        events = queue.Queue()
         engine.submit(engine.make_request(ids, 64, sink=events.put))
         first = None
         while (ev := events.get()).kind != "finish":

@@ -166,9 +166,7 @@ def main(src, out, tokenizer, opset, atol, rtol, target, precisions, variants_on
     except ParityError as e:  # the table first: which cases missed, by how much
         console.print(parity_table(e.report))
         raise click.ClickException(str(e)) from None
-    except FileNotFoundError as e:
-        raise click.ClickException(str(e)) from None
-    except CPMError as e:
+    except (CPMError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     console.print(parity_table(standard_graph(manifest)["parity"]))
     console.print(variants_table(manifest))

@@ -40,6 +40,7 @@ def to_int8_cache(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -> int:
     """Rewrite ``model`` in place; ``scales`` maps ``kv_scale.{layer}.{key|value}`` to [heads * head_dim]
     float32. Returns how many attention nodes now keep an int8 cache."""
     g = model.graph
+    present = {t.name for t in g.initializer}
     count = 0
     for node in g.node:
         if node.op_type != "GroupQueryAttention":
@@ -52,8 +53,9 @@ def to_int8_cache(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -> int:
         for name in names:
             if name not in scales:
                 raise KVCacheError(f"no calibrated scale {name}")
-            if name not in {t.name for t in g.initializer}:
+            if name not in present:
                 g.initializer.append(numpy_helper.from_array(np.asarray(scales[name], np.float32), name))
+                present.add(name)
         inputs = list(node.input) + [""] * max(0, V_SCALE_INPUT + 1 - len(node.input))
         inputs[K_SCALE_INPUT], inputs[V_SCALE_INPUT] = names
         node.input[:] = inputs

@@ -76,12 +76,14 @@ def choose_next(logits: np.ndarray, seqs: list[SequenceDecoding], decodable: int
     never chosen."""
     if decodable < logits.shape[-1]:
         logits[:, decodable:] = -np.inf
+    plain = [s.plain_greedy for s in seqs]
+    if all(plain):  # the usual greedy batch: one argmax over the logits as they are, no copy
+        return next_tokens(logits, GREEDY, None)
     out = np.empty(len(seqs), np.int64)
-    plain = [i for i, s in enumerate(seqs) if s.plain_greedy]
-    if plain:
+    if any(plain):
         out[plain] = next_tokens(logits[plain], GREEDY, None)
     for i, s in enumerate(seqs):
-        if not s.plain_greedy:
+        if not plain[i]:
             out[i] = next_tokens(logits[i:i + 1], s.cfg, s.rng, None if s.seen is None else s.seen[None],
                                  None if s.counts is None else s.counts[None])[0]
     return out
