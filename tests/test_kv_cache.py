@@ -76,16 +76,18 @@ def test_export_records_the_int8_cache_and_its_gate(kv8_bundle):
 
 
 def test_generator_and_engine_agree_on_an_int8_cache(kv8_bundle):
-    """Greedy through the server's batching equals the generator alone on the same graph, 16 at once.
-    The cache's scales are static, so batching changes nothing on cpu-fp32; int8 weights quantize
-    each call's activations with one scale, so a batch may tip a near tie there."""
+    """Greedy through the server's batching equals the generator alone on the same graph, 16 at once:
+    the cache's scales are static, so batching changes nothing on cpu-fp32. int8 weights quantize
+    each call's activations with one scale, so there a batch may tip a near tie (how often depends
+    on how arrivals group): those graphs are held to equality one request at a time, and all 16
+    concurrent requests must finish."""
     for graph in ("cpu-fp32", "cpu-int8", "cpu-int4"):
         gen = CPMGenerator.from_bundle(kv8_bundle, variant=graph, threads=1)
         assert gen.decoder.dtype == np.int8
         want = [gen(p, max_new_tokens=8)[0]["generated_text"][len(p):] for p in PROMPTS]
         with Engine.from_bundle(kv8_bundle, graph=graph, threads=1, max_batch=16) as engine:
             assert engine.runner.pool.buffers[0].dtype == np.int8
-            got = [None] * 16
+            got, reasons = [None] * 16, [None] * 16
             sinks = [queue.Queue() for _ in range(16)]
 
             def client(i):
@@ -93,17 +95,18 @@ def test_generator_and_engine_agree_on_an_int8_cache(kv8_bundle):
                 text = ""
                 while (ev := sinks[i].get(timeout=60)).kind != "finish":
                     text += ev.text
-                got[i] = text
+                got[i], reasons[i] = text, ev.reason
 
             threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join(60)
-        if graph == "cpu-fp32":
-            assert got == want * 2
-        else:
-            assert sum(a == b for a, b in zip(got, want * 2)) >= 8, graph
+            assert all(r in ("stop", "length") for r in reasons), (graph, reasons)
+            if graph == "cpu-fp32":
+                assert got == want * 2
+            else:
+                assert [engine.complete(p, 8)[0]["text"] for p in PROMPTS[:4]] == want[:4], graph
 
 
 def test_a_cache_that_misses_its_gate_writes_no_bundle(tmp_path, trained_hf, monkeypatch):
