@@ -93,8 +93,8 @@ def _timed(fn) -> dict:
 
 
 def _job(gen, prompts: list[str], fmt: str, max_batch: int) -> dict:
-    from cpm_deploy.serve.offline import EngineJob, Output, offline_engine, run_job
-    from cpm_deploy.serve.offline_formats import parse
+    from cpm_deploy.jobs.offline import EngineJob, Output, offline_engine, run_job
+    from cpm_deploy.jobs.offline_formats import parse
 
     if fmt == "text":
         raw = prompts
@@ -120,8 +120,8 @@ def _ray(bundle: Path, graph: str, prompts: list[str], max_batch: int) -> dict:
 
     import ray
 
-    from cpm_deploy.serve import ray_job
-    from cpm_deploy.serve.offline_formats import parse
+    from cpm_deploy.jobs import ray_job
+    from cpm_deploy.jobs.offline_formats import parse
 
     with two_node_cluster():
         pool = [ray_job.GenerationWorker.options(num_cpus=1).remote(str(bundle), graph, 1, max_batch, False, "b")

@@ -18,15 +18,15 @@ from .common import stage_progress
 @dataclass
 class FileJob:
     lines: Iterator  # parsed lines still to run
-    output: object  # serve.offline.Output
+    output: object  # jobs.offline.Output
     total: int | None  # non-empty input lines, when the input is a file
 
 
 def open_job(source: str, output: Path | None, fmt: str, defaults: dict) -> FileJob:
     """Input read and checked, output opened (and a killed job's output resumed): before the model
     loads, so a wrong path or an output of another job fails in a second."""
-    from ..serve.offline import JobError, Output, skip_done
-    from ..serve.offline_formats import detect, parse
+    from ..jobs.offline import JobError, Output, skip_done
+    from ..jobs.offline_formats import detect, parse
 
     lines, total = _read_lines(source)
     first = next(lines, None)
@@ -44,7 +44,7 @@ def open_job(source: str, output: Path | None, fmt: str, defaults: dict) -> File
 
 
 def run_file(gen, job: FileJob, max_batch: int, quiet: bool, model_name: str) -> None:
-    from ..serve.offline import EngineJob, offline_engine, sequential
+    from ..jobs.offline import EngineJob, offline_engine, sequential
 
     with _writing(job, quiet) as write:
         if gen.decoder.kind == "shared":  # the engine batches shared-KV graphs
@@ -58,7 +58,7 @@ def run_file(gen, job: FileJob, max_batch: int, quiet: bool, model_name: str) ->
 def _writing(job: FileJob, quiet: bool):
     """``write(records)`` into the job's output, with a progress bar on a terminal; the job's file
     errors as one line; the output closed whatever happens."""
-    from ..serve.offline import JobError, OutputClosed, run_job
+    from ..jobs.offline import JobError, OutputClosed, run_job
 
     try:
         with stage_progress({}, enabled=not quiet and job.total is not None and sys.stderr.isatty()) as step:
@@ -121,6 +121,6 @@ def connect(address: str):
             ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise click.ClickException(f"cannot reach a Ray cluster at {address!r}: {e}") from None
-    from ..serve import ray_job
+    from ..jobs import ray_job
 
     return ray, ray_job

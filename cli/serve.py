@@ -60,7 +60,8 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tok
            -d '{"prompt": "清华大学", "max_tokens": 32}'
     """
     setup_logging(verbose)
-    logging.getLogger("cpm_deploy.serve").setLevel(logging.INFO)  # startup and failures, one line each
+    for name in ("cpm_deploy.serve", "cpm_deploy.engine"):  # startup and failures, one line each
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         from ..serve.app import run
     except ImportError as e:

@@ -15,7 +15,7 @@ import threading
 from fastapi import FastAPI
 
 from .config import ServerConfig
-from .engine import Engine
+from ..engine import Engine
 from .routes import build_router, openai_error_pages
 
 log = logging.getLogger("cpm_deploy.serve")

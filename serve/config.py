@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
-from .scheduler import SchedulerLimits
+from ..engine.scheduler import SchedulerLimits
 
 _LIMITS = SchedulerLimits()
 
@@ -51,7 +51,7 @@ class ServerConfig:
 
     def load(self):
         """Check the memory, load the bundle, warm the engine up and start it."""
-        from .engine import Engine
+        from ..engine.engine import Engine
 
         self.check_memory()
         return Engine.from_bundle(self.bundle, graph=self.graph, threads=self.threads, verify=self.verify,

@@ -17,11 +17,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import ServeError
-from . import completions
-from .engine import Engine
-from .openai_protocol import CompletionIds, CompletionRequest, choice, error_body, models_list
-from .sequence import EngineError, QueueFull
+from ..engine.errors import ServeError
+from ..api import completions
+from ..engine import Engine
+from ..api.openai_protocol import CompletionIds, CompletionRequest, choice, error_body, models_list
+from ..engine.sequence import EngineError, QueueFull
 
 RETRY_AFTER_S = 1
 INLINE_PROMPT_CHARS = 512  # tokenized on the event loop up to this size (well under a millisecond)

@@ -17,7 +17,7 @@ from cpm_deploy.optimize import kv_int8
 from cpm_deploy.runtime import Bundle, CPMGenerator
 from cpm_deploy.runtime.backends import open_decoder
 from cpm_deploy.runtime.system.memory import serving_memory
-from cpm_deploy.serve import Engine
+from cpm_deploy.engine import Engine
 
 PROMPTS = ["清华大学是", "股市今天", "人工智能", "春节期间", "今天天气", "北京时间", "据报道", "中国队"]
 

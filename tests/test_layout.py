@@ -1,4 +1,5 @@
-"""The layout's promises: the runtime and serving never import exporter/ or optimize/ (nor torch)."""
+"""The layout's promises: the runtime and what serves (engine, api, serve, jobs) never import exporter/
+or optimize/ (nor torch); the engine stands below both the HTTP server and offline jobs."""
 
 import subprocess
 import sys
@@ -6,7 +7,7 @@ import sys
 CODE = """
 import importlib, pkgutil, sys
 leaks = []
-for root in ("cpm_deploy.runtime", "cpm_deploy.serve"):
+for root in ("cpm_deploy.runtime", "cpm_deploy.engine", "cpm_deploy.api", "cpm_deploy.serve", "cpm_deploy.jobs"):
     pkg = importlib.import_module(root)
     for info in pkgutil.walk_packages(pkg.__path__, root + "."):
         if info.name.endswith(("ray_app", "ray_job")):
@@ -29,7 +30,7 @@ def test_no_module_of_runtime_or_serve_imports_exporter_or_optimize():
 
     from conftest import ROOT
 
-    for folder in ("runtime", "serve"):
+    for folder in SERVING + ("runtime",):
         for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
@@ -37,6 +38,9 @@ def test_no_module_of_runtime_or_serve_imports_exporter_or_optimize():
                 for name in names:
                     parts = name.split(".")
                     assert "exporter" not in parts and "optimize" not in parts and parts[0] != "torch", (path, name)
+
+
+SERVING = ("engine", "api", "serve", "jobs")
 
 
 def imported_modules(path, root) -> list[str]:
@@ -54,12 +58,23 @@ def imported_modules(path, root) -> list[str]:
     return names
 
 
-def test_serve_allocates_no_onnxruntime_memory_and_the_runtime_knows_no_serve():
-    """serve sits on the runtime's surface (the runtime owns sessions and KV memory); the runtime
-    never reaches up into serve."""
+# what each package may not import: each stands only on the layers below it
+FORBIDDEN = {
+    "runtime": ("cpm_deploy.engine", "cpm_deploy.api", "cpm_deploy.serve", "cpm_deploy.jobs"),
+    "engine": ("onnxruntime", "fastapi", "starlette", "uvicorn", "cpm_deploy.api", "cpm_deploy.serve", "cpm_deploy.jobs"),
+    "api": ("onnxruntime", "fastapi", "starlette", "cpm_deploy.serve", "cpm_deploy.jobs"),
+    "serve": ("onnxruntime", "cpm_deploy.jobs"),
+    "jobs": ("onnxruntime", "fastapi", "starlette", "cpm_deploy.serve"),
+}
+
+
+def test_each_layer_imports_only_what_lies_below_it():
+    """The runtime owns sessions and KV memory and knows nothing above it; the engine knows no HTTP
+    and no API; the HTTP server and offline jobs both stand on the engine and the API rules, never
+    on each other."""
     from conftest import ROOT
 
-    for folder, forbidden in (("serve", "onnxruntime"), ("runtime", "cpm_deploy.serve")):
+    for folder, forbidden in FORBIDDEN.items():
         for path in (ROOT / folder).rglob("*.py"):
             for name in imported_modules(path, ROOT):
-                assert name != forbidden and not name.startswith(forbidden + "."), (path, name)
+                assert not any(name == f or name.startswith(f + ".") for f in forbidden), (path, name)

@@ -35,8 +35,8 @@ def test_a_prompt_file_on_two_nodes_equals_the_local_run(cluster, trained_bundle
 
 
 def test_a_worker_that_dies_mid_job_is_retried_without_losing_or_repeating_lines(cluster, trained_bundle):
-    from cpm_deploy.serve import ray_job
-    from cpm_deploy.serve.offline_formats import parse
+    from cpm_deploy.jobs import ray_job
+    from cpm_deploy.jobs.offline_formats import parse
 
     lines = [parse(n, p, "text", {"max_new_tokens": 6}) for n, p in enumerate(PROMPTS, 1)]
     worker = ray_job.GenerationWorker.options(num_cpus=1)

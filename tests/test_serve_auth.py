@@ -14,7 +14,7 @@ KEY = "sk-test-0123456789"
 @pytest.fixture
 def engine(trained_bundle):
     """A started engine; the app that serves it shuts it down when its server stops."""
-    from cpm_deploy.serve.engine import Engine
+    from cpm_deploy.engine.engine import Engine
 
     return Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=4).start()
 

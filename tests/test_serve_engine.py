@@ -10,7 +10,7 @@ import pytest
 
 from conftest import corpus_lines
 from cpm_deploy.runtime import CPMGenerator
-from cpm_deploy.serve import Engine, EngineError, QueueFull, RequestError
+from cpm_deploy.engine import Engine, EngineError, QueueFull, RequestError
 
 PROMPTS = [line[:5] for line in corpus_lines(40)[20:36]]  # headline starts: the model continues them
 
@@ -190,7 +190,7 @@ def test_a_failing_step_fails_only_its_requests(trained_bundle, trained_generato
 
 
 def test_a_request_whose_setup_fails_is_answered_not_stranded(trained_bundle, monkeypatch):
-    import cpm_deploy.serve.engine as engine_module
+    import cpm_deploy.engine.engine as engine_module
 
     real = engine_module.make_sequences
 

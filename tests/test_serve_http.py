@@ -210,7 +210,7 @@ def test_a_disconnected_client_frees_its_slot(busy_server):
 
 def test_an_internal_error_fails_its_request_with_500_and_serving_goes_on(trained_bundle, trained_generator):
     from cpm_deploy.serve.app import ServerConfig, create_app
-    from cpm_deploy.serve.engine import Engine
+    from cpm_deploy.engine.engine import Engine
 
     engine = Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=4).start()
     poison = trained_generator.tokenizer.encode("股市")[0]

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from cpm_deploy.runtime.generation.sampling import SamplingConfig
-from cpm_deploy.serve.scheduler import Scheduler, SchedulerLimits
-from cpm_deploy.serve.sequence import QueueFull, Request, State
+from cpm_deploy.engine.scheduler import Scheduler, SchedulerLimits
+from cpm_deploy.engine.sequence import QueueFull, Request, State
 
 
 def request(prompt_len: int, n: int = 1) -> Request:
@@ -79,7 +79,7 @@ def test_compaction_keeps_running_rows_a_dense_prefix():
 
 
 def test_the_scheduler_needs_no_onnxruntime():
-    code = ("import sys; import cpm_deploy.serve.scheduler; "
+    code = ("import sys; import cpm_deploy.engine.scheduler; "
             "assert 'onnxruntime' not in sys.modules, 'onnxruntime imported'")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from .errors import ServeError
-from .engine import Engine, RequestError
+from ..engine.errors import ServeError
+from ..engine import Engine, RequestError
 from .openai_protocol import (DEFAULT_MAX_TOKENS, CompletionIds, CompletionRequest, FieldError, choice, error_body,
                               usage, validation_error_body)
-from .sequence import Event, Request
+from ..engine.sequence import Event, Request
 
 
 class BodyError(ServeError):

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from .errors import ServeError
+from ..engine.errors import ServeError
 from ..runtime import CPMGenerator, GenerationError
 from ..runtime.generation.requests import check_choices
-from . import completions
-from .engine import Engine, RequestError
+from ..api import completions
+from ..engine import Engine, RequestError
 from .offline_formats import LENGTH_KEYS, Line, batch_record, generation_record, line_key, record_key
-from .openai_protocol import CompletionIds
-from .sequence import QueueFull
+from ..api.openai_protocol import CompletionIds
+from ..engine.sequence import QueueFull
 
 
 

@@ -31,7 +31,7 @@ from .runner import ModelRunner
 from .scheduler import Scheduler, SchedulerLimits
 from .sequence import EngineError, Event, Request, Sequence, make_sequences
 
-log = logging.getLogger("cpm_deploy.serve")
+log = logging.getLogger("cpm_deploy.engine")
 
 
 class RequestError(ServeError, ValueError):

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ServeError
+from ..engine.errors import ServeError
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_LOGIT_BIAS = 1024  # entries: bounds the per-step work one request can ask for

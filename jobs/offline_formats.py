@@ -17,7 +17,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
-from .errors import ServeError
+from ..engine.errors import ServeError
 
 FORMATS = ("text", "jsonl", "openai-batch")
 # per-line keys of the jsonl format: cpm-run's options, as the runtime names them, and their JSON types
