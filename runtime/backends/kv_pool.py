@@ -1,7 +1,13 @@
-"""The KV memory of a server or a job: one buffer per layer and kind, [max_batch, heads, capacity,
-head_dim], allocated once (``SharedKVDecoder.kv_pool``). Running sequences occupy slots 0 .. n-1 (a dense prefix), so a step over n rows
-binds the first n rows of every buffer, which are contiguous; a finished sequence's slot is filled
-by moving the last one into it (only its used positions are copied)."""
+"""The KV memory of a server or a job (``SharedKVDecoder.kv_pool``), allocated once:
+
+- slots: one buffer per layer and kind, [max_batch, heads, capacity, head_dim]. Running sequences
+  occupy slots 0 .. n-1 (a dense prefix), so a step over n rows binds the first n rows of every
+  buffer, which are contiguous; a finished sequence's slot is filled by moving the last one into it
+  (only its used positions are copied).
+- a prefix store: [heads, blocks, block_size, head_dim] per layer and kind, where positions that
+  prompts share are kept in blocks and copied into the slots of later sequences that begin with
+  them. Which block holds which tokens is the engine's business (its prefix cache); the pool only
+  copies."""
 
 from __future__ import annotations
 
@@ -9,22 +15,28 @@ import numpy as np
 
 
 class KVPool:
-    def __init__(self, n_buffers: int, max_batch: int, n_head: int, capacity: int, head_dim: int, dtype=np.float32):
+    def __init__(self, n_buffers: int, max_batch: int, n_head: int, capacity: int, head_dim: int, dtype=np.float32,
+                 store_blocks: int = 0, block_size: int = 16):
         import onnxruntime as ort
 
         self._ort = ort
-        self.max_batch, self.capacity = max_batch, capacity
+        self.max_batch, self.capacity, self.block_size = max_batch, capacity, block_size
         # separate arrays: an OrtValue over a numpy array shares its memory, and each layer's cache
         # is written in place by its own attention node
         self.buffers = [np.zeros((max_batch, n_head, capacity, head_dim), dtype) for _ in range(n_buffers)]
+        self.store = [np.zeros((n_head, store_blocks, block_size, head_dim), dtype) for _ in range(n_buffers)]
+
+    @property
+    def store_blocks(self) -> int:
+        return self.store[0].shape[1] if self.store else 0
 
     @property
     def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers)
+        return sum(b.nbytes for b in self.buffers) + sum(s.nbytes for s in self.store)
 
     def touch(self) -> None:
         """Fault every page in now (numpy's zeros are mapped lazily), not during the first requests."""
-        for b in self.buffers:
+        for b in self.buffers + self.store:
             b.fill(0)
 
     def views(self, start: int, stop: int) -> list:
@@ -35,3 +47,20 @@ class KVPool:
         """Slot src's first ``length`` positions into slot dst."""
         for b in self.buffers:
             b[dst, :, :length] = b[src, :, :length]
+
+    def save(self, slot: int, indices: list[int], blocks: list[int]) -> None:
+        """Blocks ``indices`` of ``slot`` (block i: positions i*block_size onwards) into store ``blocks``."""
+        if not blocks:
+            return
+        size = self.block_size
+        positions = (np.asarray(indices)[:, None] * size + np.arange(size)).ravel()
+        for b, s in zip(self.buffers, self.store):
+            s[:, blocks] = b[slot][:, positions].reshape(b.shape[1], len(blocks), size, b.shape[3])
+
+    def load(self, blocks: list[int], slot: int) -> None:
+        """Store ``blocks``, in order, into the first positions of ``slot``."""
+        if not blocks:
+            return
+        stop = len(blocks) * self.block_size
+        for b, s in zip(self.buffers, self.store):
+            b[slot, :, :stop] = s[:, blocks].reshape(b.shape[1], stop, b.shape[3])

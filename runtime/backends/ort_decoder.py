@@ -158,6 +158,23 @@ def prompt_feeds(rows: list[list[int]], pad_id: int = 0) -> dict[str, np.ndarray
     return {"input_ids": ids, "position_ids": pos, **_lengths(lengths, lengths)}
 
 
+def continuation_feeds(rows: list[list[int]], cached: np.ndarray, start: int, width: int,
+                       pad_id: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Columns start .. start+width of each row's new tokens, after ``cached`` [B] positions and the
+    columns before ``start``, right-padded (GroupQueryAttention's ``query_seqlens`` places each row
+    at its own position; a row with nothing left is an idle entry). Also which rows end here."""
+    lengths = np.array([len(r) for r in rows], np.int64)
+    query = np.clip(lengths - start, 0, width)
+    ids = np.full((len(rows), max(int(query.max()), 1)), pad_id, np.int64)
+    pos = np.zeros_like(ids)
+    for b, (row, q) in enumerate(zip(rows, query)):
+        ids[b, :q] = row[start:start + q]
+        pos[b, :q] = np.arange(cached[b] + start, cached[b] + start + q)
+    totals = cached + np.minimum(lengths, start + query)
+    return ({"input_ids": ids, "position_ids": pos, **_lengths(totals, query)},
+            (query > 0) & (start + query == lengths))
+
+
 @dataclass
 class SharedState:
     lengths: np.ndarray  # [B] tokens in the cache
@@ -198,13 +215,20 @@ class StepBinding:
             self._values.append(ort.OrtValue.ortvalue_from_numpy(self.logits))
             self.binding.bind_ortvalue_output("logits", self._values[-1])
 
-    def run(self, tokens: np.ndarray, cached: np.ndarray) -> np.ndarray:
+    def run(self, tokens: np.ndarray, cached: np.ndarray, idle: np.ndarray | None = None) -> np.ndarray:
         """One token per row after ``cached`` [B] tokens; logits [B, V] (a copy: the next step
-        writes the bound array again)."""
+        writes the bound array again). ``idle`` [B] bool: rows that take no token this step (a
+        prompt still being prefilled in chunks; at least one position cached): their cache stays
+        as it is and their logits are meaningless."""
         x = self.inputs  # the same values as SharedKVDecoder._step_feeds, written in place
         x["input_ids"][:, 0] = tokens
         x["position_ids"][:, 0] = cached
-        x["seqlens_k"][:] = cached  # (cached + 1) - 1
+        if idle is None:
+            x["seqlens_k"][:] = cached  # (cached + 1) - 1
+            x["query_seqlens"][:] = 1
+        else:
+            x["seqlens_k"][:] = cached - idle
+            x["query_seqlens"][:] = ~idle
         x["total_sequence_length"][...] = cached.max() + 1
         self.session.run_with_iobinding(self.binding)
         logits = self.logits if self.logits is not None else self.binding.get_outputs()[0].numpy()
@@ -215,25 +239,23 @@ class SharedKVDecoder(_OrtDecoder):
     kind = "shared"
 
     # -- batched entry points over caller-owned KV buffers (a server's slot pool) ------------------
-    def run_prefill(self, rows: list[list[int]], past: list, pad_id: int = 0) -> np.ndarray:
-        """Prompts into empty cache rows; ``past`` holds one [B, heads, capacity, head_dim] buffer
-        per layer and kind. Returns the last prompt position's logits [B, V]."""
-        width = max(len(r) for r in rows)
-        if width > PREFILL_CHUNK and all(len(r) == width for r in rows):
-            return self._prefill_chunks(rows, past)
-        return self._run(prompt_feeds(rows, pad_id), past, shared=True, session=self.prefill_session)[0]
-
-    def _prefill_chunks(self, rows: list[list[int]], past: list) -> np.ndarray:
-        # rows of one length only: GroupQueryAttention places a chunk after (total - chunk) cached
-        # positions, which holds when every row has the whole chunk
-        batch = len(rows)
-        for start in range(0, len(rows[0]), PREFILL_CHUNK):
-            chunk = np.array([r[start:start + PREFILL_CHUNK] for r in rows], np.int64)
-            width = chunk.shape[1]
-            feeds = {"input_ids": chunk, "position_ids": np.tile(np.arange(start, start + width), (batch, 1)),
-                     **_lengths(np.full(batch, start + width), np.full(batch, width))}
+    def run_prefill(self, rows: list[list[int]], past: list, pad_id: int = 0,
+                    cached: np.ndarray | None = None) -> np.ndarray:
+        """Prompt tokens into cache rows; ``past`` holds one [B, heads, capacity, head_dim] buffer
+        per layer and kind. Row b's tokens go after ``cached[b]`` positions already in its row (a
+        reused prefix, or earlier chunks of the same prompt; None: empty rows). Returns each row's
+        last position's logits [B, V]."""
+        lengths = np.array([len(r) for r in rows], np.int64)
+        cached = np.zeros(len(rows), np.int64) if cached is None else np.asarray(cached, np.int64)
+        out = None
+        for start in range(0, int(lengths.max()), PREFILL_CHUNK):
+            feeds, ends = continuation_feeds(rows, cached, start, PREFILL_CHUNK, pad_id)
             logits = self._run(feeds, past, shared=True, session=self.prefill_session)[0]
-        return logits
+            if out is None:
+                out = logits if ends.all() else np.empty_like(logits)
+            if out is not logits:
+                out[ends] = logits[ends]
+        return out
 
     def _step_feeds(self, tokens: np.ndarray, cached: np.ndarray) -> dict[str, np.ndarray]:
         return {"input_ids": tokens.reshape(-1, 1).astype(np.int64), "position_ids": cached.reshape(-1, 1).astype(np.int64),
@@ -245,9 +267,11 @@ class SharedKVDecoder(_OrtDecoder):
         session = self.step_session(len(tokens))
         return self._run(self._step_feeds(tokens, cached), past, shared=True, session=session)[0]
 
-    def kv_pool(self, max_batch: int, capacity: int) -> KVPool:
-        """KV slots for continuous batching: ``max_batch`` sequences of ``capacity`` positions."""
-        return KVPool(len(self.past_names), max_batch, self.n_head, capacity, self.head_dim, self.dtype)
+    def kv_pool(self, max_batch: int, capacity: int, store_blocks: int = 0, block_size: int = 16) -> KVPool:
+        """KV slots for continuous batching: ``max_batch`` sequences of ``capacity`` positions, and a
+        store of ``store_blocks`` blocks of ``block_size`` positions for prefixes prompts share."""
+        return KVPool(len(self.past_names), max_batch, self.n_head, capacity, self.head_dim, self.dtype,
+                      store_blocks, block_size)
 
     def step_binding(self, past: list, logits: np.ndarray | None = None) -> StepBinding:
         return StepBinding(self, past, logits)

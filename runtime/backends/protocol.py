@@ -41,14 +41,18 @@ class Decoder(Protocol):
 
 @runtime_checkable
 class SlotDecoder(Decoder, Protocol):
-    def kv_pool(self, max_batch: int, capacity: int):
-        """KV memory for ``max_batch`` sequences of ``capacity`` positions (a KVPool)."""
+    def kv_pool(self, max_batch: int, capacity: int, store_blocks: int = 0, block_size: int = 16):
+        """KV memory for ``max_batch`` sequences of ``capacity`` positions, and a store of
+        ``store_blocks`` blocks of ``block_size`` positions for shared prefixes (a KVPool)."""
 
-    def run_prefill(self, rows: list[list[int]], past: list, pad_id: int = 0) -> np.ndarray:
-        """Prompts into the empty slots ``past`` (views of a pool); logits [B, V]."""
+    def run_prefill(self, rows: list[list[int]], past: list, pad_id: int = 0,
+                    cached: np.ndarray | None = None) -> np.ndarray:
+        """Prompt tokens into the slots ``past`` (views of a pool), each row after ``cached[b]``
+        positions already there (None: empty slots); logits [B, V] of each row's last token."""
 
     def step_binding(self, past: list, logits: np.ndarray | None = None):
-        """Decode steps over the slots ``past``, bound once: ``.run(tokens, cached) -> logits``."""
+        """Decode steps over the slots ``past``, bound once: ``.run(tokens, cached, idle=None) ->
+        logits``; ``idle`` rows take no token (a prompt still being prefilled)."""
 
     def logits_buffer(self, batch: int) -> np.ndarray | None:
         """An array steps of up to ``batch`` rows can write their logits into (None: any size)."""
