@@ -1,11 +1,14 @@
-"""The serving engine: continuous (iteration-level) batching over a shared-KV graph.
+"""The engine: continuous (iteration-level) batching over a shared-KV graph, for cpm-serve and
+offline jobs alike.
 
 One thread runs the loop; each pass:
   1. drops cancelled and timed-out requests (their slots free at once);
-  2. admits waiting requests while KV slots are free, up to a budget of prompt tokens, and
-     prefills them together;
-  3. runs one decode step for every running sequence, each token chosen by the runtime's
-     per-sequence step (its own settings and random stream), and retires those that finished.
+  2. admits waiting requests while KV slots are free, each starting from the longest prefix of
+     its prompt already in the prefix cache (copied into its slot), and prefills the next chunk
+     of every prompt under way, within a budget of prompt tokens;
+  3. runs one decode step for every running sequence (rows still prefilling sit idle in it), each
+     token chosen by the runtime's per-sequence step (its own settings and random stream), and
+     retires those that finished.
 What runs when is the ``Scheduler``'s call, the model work the ``ModelRunner``'s; the engine
 validates requests, turns tokens into events and keeps the metrics. Requests arrive from any
 thread through ``submit`` and report back through their ``sink``. Nothing here knows of HTTP.
@@ -27,11 +30,19 @@ from ..runtime.generation.requests import check_choices, check_prompt_ids, fit_p
 from ..runtime.generation.step import choose_next
 from .errors import ServeError
 from .metrics import EngineMetrics
+from .prefix_cache import PrefixCache
 from .runner import ModelRunner
-from .scheduler import Scheduler, SchedulerLimits
-from .sequence import EngineError, Event, Request, Sequence, make_sequences
+from .scheduler import Plan, Scheduler, SchedulerLimits
+from .sequence import EngineError, Event, Request, Sequence, State, make_sequences
 
 log = logging.getLogger("cpm_deploy.engine")
+
+PREFIX_BLOCK = 8  # tokens per prefix-cache block: the granularity of a match
+
+
+def prefix_store_tokens(setting: int | None, capacity: int) -> int:
+    """The prefix store's positions: the setting, or by default two full-length prompts' worth."""
+    return 2 * capacity if setting is None else max(setting, 0)
 
 
 class RequestError(ServeError, ValueError):
@@ -40,9 +51,11 @@ class RequestError(ServeError, ValueError):
 
 class Engine:
     def __init__(self, generator: CPMGenerator, limits: SchedulerLimits | None = None, max_total: int | None = None,
-                 warm_up: bool = True, **limit_fields):
+                 warm_up: bool = True, prefix_cache_tokens: int | None = None, **limit_fields):
         """``limits`` (or its fields as keywords: max_batch, max_queue, prefill_tokens,
-        max_decode_delay_s) schedule the work; ``max_total`` caps the positions per sequence."""
+        max_decode_delay_s) schedule the work; ``max_total`` caps the positions per sequence;
+        ``prefix_cache_tokens`` sizes the store of shared prompt prefixes (None: two sequences'
+        positions; 0: no reuse)."""
         limits = limits or SchedulerLimits(**limit_fields)
         if not isinstance(generator.decoder, SlotDecoder):
             raise EngineError(f"continuous batching needs a shared-KV graph (cpu-fp32, cpu-int8, cpu-int4, cuda-*); "
@@ -50,10 +63,13 @@ class Engine:
         if limits.max_batch < 1 or limits.max_queue < 0:
             raise EngineError("max_batch must be >= 1 and max_queue >= 0")
         self.generator, self.decoder, self.tokenizer = generator, generator.decoder, generator.tokenizer
-        self.limits, self.scheduler = limits, Scheduler(limits)
-        self.full_warm_up, self.warm_up_s = warm_up, 0.0
         self.capacity = min(max_total or generator.n_positions, generator.n_positions)
-        self.runner = ModelRunner(self.decoder, limits.max_batch, self.capacity, self.tokenizer.pad_id)
+        blocks = prefix_store_tokens(prefix_cache_tokens, self.capacity) // PREFIX_BLOCK
+        self.prefix = PrefixCache(blocks, PREFIX_BLOCK) if blocks else None
+        self.limits, self.scheduler = limits, Scheduler(limits, self._sequences, self.prefix)
+        self.full_warm_up, self.warm_up_s = warm_up, 0.0
+        self.runner = ModelRunner(self.decoder, limits.max_batch, self.capacity, self.tokenizer.pad_id, blocks,
+                                  PREFIX_BLOCK)
         self.metrics = EngineMetrics()
         self.metrics.kv_slots.set(limits.max_batch)
         self._cv = threading.Condition()  # guards the scheduler's queue and the flags below
@@ -126,7 +142,7 @@ class Engine:
         ``full`` every batch shape, see ModelRunner.warm_up); returns the seconds it took."""
         t0 = time.perf_counter()
         ids = self.generator.prepare(["清华大学"], None, 1, False).prompts[0]
-        self.runner.warm_up(ids, full)
+        self.runner.warm_up(ids, full)  # runs the model directly: nothing enters the prefix cache
         self.warm_up_s = time.perf_counter() - t0
         return self.warm_up_s
 
@@ -195,13 +211,26 @@ class Engine:
             self._finish(s, why)
         sched.compact(self.runner.move)
         with self._cv:
-            admitted = sched.admit()
+            plan = sched.plan()
             self.metrics.queue_depth.set(len(sched.waiting))
-        if admitted:
-            self._prefill(admitted)
-        if sched.decode_due(admitted):
+        if plan.chunks:
+            self._prefill(plan)
+        if sched.decode_due(plan.admitted):
             self._decode()
         self.metrics.running.set(len(sched.rows))
+
+    def _sequences(self, r: Request) -> list[Sequence]:
+        """The scheduler's way to make an admitted request's sequences; a request that cannot get
+        them fails alone (it has left the queue)."""
+        try:
+            seqs = make_sequences(r, self.generator)
+        except Exception as e:  # noqa: BLE001
+            self._fail([r], e)
+            return []
+        if self.prefix is not None:
+            self.metrics.prefix_queries.inc(len(r.prompt))
+            self.metrics.prefix_hits.inc(r.cached_tokens)
+        return seqs
 
     def _finish_waiting(self, r: Request, reason: str) -> None:
         for s in make_sequences(r, self.generator):
@@ -209,37 +238,51 @@ class Engine:
             self._send(r, Event("finish", s.index, reason=reason))
         self.metrics.requests.labels(reason).inc()
 
-    def _prefill(self, requests: list[Request]) -> None:
-        start = len(self.scheduler.rows)
+    def _prefill(self, plan: Plan) -> None:
+        rows, runner = self.scheduler.rows, self.runner
+        slot = {id(s): i for i, s in enumerate(rows)}
+        started, logits = [], []
         try:  # admitted requests have left the queue: whatever fails here must answer them
-            seqs = [s for r in requests for s in make_sequences(r, self.generator)]
-            logits = self.runner.prefill([s.request.prompt for s in seqs], start)
+            for s, blocks in plan.reused:
+                runner.load(blocks, slot[id(s)])
+            for call in _calls([(slot[id(s)], s, n) for s, n in plan.chunks]):
+                first, seqs = call[0][0], [s for _, s, _ in call]
+                out = runner.prefill([s.request.prompt[s.computed:s.computed + n] for _, s, n in call], first,
+                                     np.array([s.computed for s in seqs], np.int64))
+                for (i, s, n), row in zip(call, out):
+                    s.computed += n
+                    runner.save(i, self.scheduler.remember(s))
+                    if s.computed == len(s.request.prompt):
+                        s.start()
+                        started.append(s)
+                        logits.append(row)
         except Exception as e:  # noqa: BLE001 - one failed step fails its requests, never the server
-            self._fail(requests, e)
+            self._fail(self.scheduler.requests_of([s for s, _ in plan.chunks + plan.reused]), e)
             return
-        for s in seqs:
-            s.start()
-        self.scheduler.rows.extend(seqs)
-        self.metrics.prompt_tokens.inc(sum(len(s.request.prompt) for s in seqs))
-        self._take_tokens(seqs, logits)
+        self.metrics.prompt_tokens.inc(sum(n for _, n in plan.chunks))
+        if self.prefix is not None:
+            self.metrics.prefix_cached.set(self.prefix.cached_tokens)
+        if started:
+            self._take_tokens(started, np.stack(logits))
 
     def _decode(self) -> None:
         sched = self.scheduler
         if any(s.finish_reason for s in sched.rows):  # a prefilled sequence that ended at its first token
             sched.compact(self.runner.move)
         rows = sched.rows
-        if not rows:
+        running = np.array([s.state is State.RUNNING for s in rows])
+        if not running.any():
             return
-        tokens = np.array([s.generated[-1] for s in rows], np.int64)
+        tokens = np.array([s.generated[-1] if go else 0 for s, go in zip(rows, running)], np.int64)
         cached = np.array([s.cached for s in rows], np.int64)
         t0 = time.perf_counter()
         try:
-            logits = self.runner.decode(tokens, cached)
+            logits = self.runner.decode(tokens, cached, None if running.all() else ~running)
         except Exception as e:  # noqa: BLE001
             self._fail(sched.requests_of(rows), e)
             return
         self.metrics.step.observe(time.perf_counter() - t0)
-        self._take_tokens(list(rows), logits)
+        self._take_tokens([s for s, go in zip(rows, running) if go], logits[running])
 
     def _take_tokens(self, seqs: list[Sequence], logits: np.ndarray) -> None:
         tokens = choose_next(logits, [s.decoding for s in seqs], self.generator.decodable)
@@ -283,3 +326,18 @@ class Engine:
             r.sink(event)
         except Exception:  # noqa: BLE001 - a consumer that went away cancels its request
             r.cancel()
+
+
+def _calls(chunks: list[tuple[int, Sequence, int]]) -> list[list[tuple[int, Sequence, int]]]:
+    """Chunks (slot, row, tokens) grouped into prompt calls: rows of neighbouring slots, whose
+    padding to the call's widest chunk stays under half of their tokens."""
+    calls: list[list] = []
+    for chunk in sorted(chunks, key=lambda c: c[0]):
+        call = calls[-1] if calls else None
+        if call and chunk[0] == call[-1][0] + 1:
+            width, tokens = max(max(n for *_, n in call), chunk[2]), sum(n for *_, n in call) + chunk[2]
+            if width * (len(call) + 1) <= 1.5 * tokens:
+                call.append(chunk)
+                continue
+        calls.append([chunk])
+    return calls

@@ -15,6 +15,12 @@ class EngineMetrics:
         self.kv_slots = Gauge("cpm_kv_slots", "KV slots in the pool (max batch)", registry=r)
         self.tokens = Counter("cpm_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("cpm_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        # in tokens, as vLLM counts them: hits / queries is the share of prompt tokens not prefilled
+        self.prefix_queries = Counter("cpm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("cpm_prefix_cache_hits", "Prompt tokens found in the prefix cache (reused, "
+                                   "not prefilled)", registry=r)
+        self.prefix_cached = Gauge("cpm_prefix_cache_tokens", "Prompt positions the prefix cache holds", registry=r)
         self.requests = Counter("cpm_requests", "Requests by outcome", ["outcome"], registry=r)
         self.ttft = Histogram("cpm_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS,
                               registry=r)

@@ -1,5 +1,6 @@
-"""The model side of serving: a slot decoder, its KV pool (allocated once) and a decode step bound
-per batch width. It runs what the scheduler decided, and knows nothing of requests."""
+"""The model side of serving: a slot decoder, its KV pool (slots and a prefix store, allocated once)
+and a decode step bound per batch width. It runs what the scheduler decided, and knows nothing of
+requests."""
 
 from __future__ import annotations
 
@@ -11,23 +12,34 @@ from ..runtime.backends import SlotDecoder
 
 
 class ModelRunner:
-    def __init__(self, decoder: SlotDecoder, max_batch: int, capacity: int, pad_id: int):
+    def __init__(self, decoder: SlotDecoder, max_batch: int, capacity: int, pad_id: int, prefix_blocks: int = 0,
+                 block_size: int = 16):
         self.decoder, self.max_batch, self.capacity, self.pad_id = decoder, max_batch, capacity, pad_id
-        self.pool = decoder.kv_pool(max_batch, capacity)
+        self.pool = decoder.kv_pool(max_batch, capacity, prefix_blocks, block_size)
         self.steps: dict = {}  # n rows -> a step binding over pool slots 0 .. n-1, bound once
         # their logits rows, shared: one array per width would hold max_batch^2 / 2 rows (250 MB at 64)
         self.logits = decoder.logits_buffer(max_batch)
 
-    def prefill(self, prompts: list[list[int]], start: int) -> np.ndarray:
-        """Prompts into slots start .. start+len-1; their last position's logits [B, V]."""
-        return self.decoder.run_prefill(prompts, self.pool.views(start, start + len(prompts)), self.pad_id)
+    def prefill(self, prompts: list[list[int]], start: int, cached: np.ndarray | None = None) -> np.ndarray:
+        """Prompt tokens into slots start .. start+len-1, after ``cached`` positions each (None:
+        empty slots); their last position's logits [B, V]."""
+        return self.decoder.run_prefill(prompts, self.pool.views(start, start + len(prompts)), self.pad_id, cached)
 
-    def decode(self, tokens: np.ndarray, cached: np.ndarray) -> np.ndarray:
-        """One token per row for slots 0 .. len-1, after ``cached`` tokens each; logits [B, V]."""
-        return self.step_binding(len(tokens)).run(tokens, cached)
+    def decode(self, tokens: np.ndarray, cached: np.ndarray, idle: np.ndarray | None = None) -> np.ndarray:
+        """One token per row for slots 0 .. len-1, after ``cached`` tokens each (``idle`` rows take
+        none); logits [B, V]."""
+        return self.step_binding(len(tokens)).run(tokens, cached, idle)
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.pool.move(src, dst, length)
+
+    def load(self, blocks: list[int], slot: int) -> None:
+        """A cached prefix (store blocks, in order) into the first positions of ``slot``."""
+        self.pool.load(blocks, slot)
+
+    def save(self, slot: int, placed: list[tuple[int, int]]) -> None:
+        """(block index, store block) pairs: those blocks of ``slot`` into the prefix store."""
+        self.pool.save(slot, [i for i, _ in placed], [b for _, b in placed])
 
     def step_binding(self, rows: int):
         if rows not in self.steps:

@@ -25,6 +25,7 @@ class QueueFull(EngineError):
 
 class State(enum.Enum):
     WAITING = "waiting"  # queued, no KV slot yet
+    PREFILLING = "prefilling"  # in a KV slot, its prompt going in chunk by chunk (idle in decode steps)
     RUNNING = "running"  # in a KV slot, prefilled, decoding one token per step
     FINISHED = "finished"  # slot freed; finish_reason says why
 
@@ -57,6 +58,8 @@ class Request:
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
     sequences: list[Sequence] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list, repr=False)  # the prompt's prefix-cache block keys
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of prefilled
 
     def cancel(self) -> None:
         """Ask the engine to drop this request; its slots are freed at the next step."""
@@ -80,6 +83,7 @@ class Sequence:
     held: list[str] = field(default_factory=list)  # text pieces of a request that does not stream
     first_token_at: float | None = None
     last_token_at: float | None = None
+    computed: int = 0  # prompt positions in its KV slot so far (PREFILLING)
 
     @property
     def generated(self) -> list[int]:
@@ -87,11 +91,23 @@ class Sequence:
 
     @property
     def cached(self) -> int:
-        """Tokens in this sequence's KV slot: the prompt and every generated token but the last."""
+        """Tokens in this sequence's KV slot: while prefilling, the prompt's positions so far; then
+        the prompt and every generated token but the last."""
+        if self.state is State.PREFILLING:
+            return self.computed
         return len(self.request.prompt) + max(len(self.generated) - 1, 0)
 
+    @property
+    def to_prefill(self) -> int:
+        return len(self.request.prompt) - self.computed if self.state is State.PREFILLING else 0
+
+    def place(self, reused: int) -> None:
+        """Into a KV slot whose first ``reused`` positions hold the prompt's start (a cached prefix)."""
+        self.state, self.computed = State.PREFILLING, reused
+
     def start(self) -> None:
-        self.state = State.RUNNING
+        """The whole prompt is in the slot: decode from here."""
+        self.state, self.computed = State.RUNNING, len(self.request.prompt)
 
     def finish(self, reason: str) -> None:
         """The one place a sequence ends: stop / length / cancelled / timeout / error."""

@@ -172,10 +172,10 @@ def test_a_failing_step_fails_only_its_requests(trained_bundle, trained_generato
         e.generator.eod_id = -1  # the bystander runs its full length
         real = e.decoder.run_prefill
 
-        def run_prefill(rows, past, pad_id=0):
+        def run_prefill(rows, past, pad_id=0, cached=None):
             if any(poison in r for r in rows):
                 raise RuntimeError("injected failure")
-            return real(rows, past, pad_id)
+            return real(rows, past, pad_id, cached)
 
         e.decoder.run_prefill = run_prefill
         events = queue.Queue()

@@ -60,6 +60,23 @@ def test_openai_client_greedy_equals_the_runtime_alone(client, trained_generator
         assert r.choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_shared_prefix_is_reused_and_reported_in_usage_and_metrics(trained_server, client, trained_generator):
+    template = "，".join(corpus_lines(60)[40:43]) + "。\n"
+    hits_before = metric(trained_server, "cpm_prefix_cache_hits_total")
+    first = client.completions.create(model="bundle", prompt=template + PROMPTS[0], max_tokens=4, temperature=0)
+    second = client.completions.create(model="bundle", prompt=template + PROMPTS[1], max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 40 < cached < second.usage.prompt_tokens
+    assert second.choices[0].text == alone(trained_generator, template + PROMPTS[1], 4)
+    assert metric(trained_server, "cpm_prefix_cache_hits_total") - hits_before == cached
+    assert metric(trained_server, "cpm_prefix_cache_queries_total") >= first.usage.prompt_tokens + second.usage.prompt_tokens
+    stream = client.completions.create(model="bundle", prompt=template + PROMPTS[2], max_tokens=4, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    usage = [c.usage for c in stream if c.usage][0]
+    assert usage.prompt_tokens_details.cached_tokens > 40
+
+
 def test_openai_client_streams_the_same_text_with_usage_last(client):
     plain = client.completions.create(model="bundle", prompt=PROMPTS[3], max_tokens=10, temperature=0)
     chunks = list(client.completions.create(model="bundle", prompt=PROMPTS[3], max_tokens=10, temperature=0, stream=True,
@@ -215,8 +232,9 @@ def test_an_internal_error_fails_its_request_with_500_and_serving_goes_on(traine
     engine = Engine.from_bundle(trained_bundle, graph="cpu-fp32", threads=1, max_batch=4).start()
     poison = trained_generator.tokenizer.encode("股市")[0]
     real = engine.decoder.run_prefill
-    engine.decoder.run_prefill = lambda rows, past, pad=0: (
-        (_ for _ in ()).throw(RuntimeError("injected")) if any(poison in r for r in rows) else real(rows, past, pad))
+    engine.decoder.run_prefill = lambda rows, past, pad=0, cached=None: (
+        (_ for _ in ()).throw(RuntimeError("injected")) if any(poison in r for r in rows)
+        else real(rows, past, pad, cached))
     with serve_in_thread(create_app(ServerConfig(trained_bundle, model_name="m"), engine)) as base:
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "股市", "max_tokens": 3}, timeout=30)
         assert r.status_code == 500 and "injected" in r.json()["error"]["message"]

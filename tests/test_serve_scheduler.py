@@ -1,4 +1,5 @@
-"""The scheduler alone: admission, when a decode step is due, compaction. No model, no onnxruntime."""
+"""The scheduler alone: admission, prompt chunks, prefix reuse and holds, when a decode step is due,
+compaction. No model, no onnxruntime."""
 
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pytest
 
 from cpm_deploy.runtime.generation.sampling import SamplingConfig
 from cpm_deploy.engine.scheduler import Scheduler, SchedulerLimits
-from cpm_deploy.engine.sequence import QueueFull, Request, State
+from cpm_deploy.engine.prefix_cache import PrefixCache
+from cpm_deploy.engine.sequence import QueueFull, Request, Sequence, State
 
 
 def request(prompt_len: int, n: int = 1) -> Request:
@@ -23,7 +25,7 @@ def row(state=State.RUNNING, cached=3, last_token_at=None):
 
 
 def test_a_burst_is_admitted_before_decoding_but_running_rows_wait_at_most_the_delay():
-    sched = Scheduler(SchedulerLimits(max_batch=4))
+    sched = scheduler(max_batch=4)
     now = time.perf_counter()
     sched.rows = [row(last_token_at=now - 0.01)]
     sched.waiting.append(object())
@@ -38,35 +40,90 @@ def test_a_burst_is_admitted_before_decoding_but_running_rows_wait_at_most_the_d
     assert not sched.decode_due(admitted=[])  # nothing runs: no step
 
 
+def sequences(r: Request) -> list[Sequence]:
+    r.sequences = [Sequence(r, j, SimpleNamespace(generated=[])) for j in range(r.n)]
+    return r.sequences
+
+
+def scheduler(prefix_blocks: int = 0, **limits) -> Scheduler:
+    return Scheduler(SchedulerLimits(**limits), sequences, PrefixCache(prefix_blocks, 4) if prefix_blocks else None)
+
+
+def chunks(plan) -> list[tuple[int, int]]:
+    return [(s.request.id, n) for s, n in plan.chunks]
+
+
 def test_admission_takes_the_queue_in_order_within_slots_and_the_prompt_budget():
-    sched = Scheduler(SchedulerLimits(max_batch=4, max_queue=8, prefill_tokens=12))
+    sched = scheduler(max_batch=4, max_queue=8, prefill_tokens=12)
     for length, n in [(30, 1), (4, 1)]:
         sched.enqueue(request(length, n))
-    first = sched.admit()
-    assert [len(r.prompt) for r in first] == [30]  # over the budget, yet the first always goes
-    sched.rows = [row()]
+    first = sched.plan()
+    # nothing decodes: the first prompt goes in whole, and the budget is spent
+    assert [len(r.prompt) for r in first.admitted] == [30] and [n for _, n in first.chunks] == [30]
+    sched.rows[0].start()
     for length, n in [(4, 2), (1, 1)]:
         sched.enqueue(request(length, n))
-    second = sched.admit()
-    assert [(len(r.prompt), r.n) for r in second] == [(4, 1), (4, 2)]  # 4 + 8 tokens: the whole budget
-    sched.rows += [row(), row(), row()]
-    assert sched.free_slots == 0 and sched.admit() == []  # no slot: they wait
+    second = sched.plan()
+    assert [(len(r.prompt), r.n) for r in second.admitted] == [(4, 1), (4, 2)]  # 4 + 8 tokens: the whole budget
+    assert len(sched.rows) == 4 and sched.free_slots == 0 and sched.plan().admitted == []  # no slot: they wait
     sched.limits = SchedulerLimits(max_batch=4, max_queue=1)
     with pytest.raises(QueueFull, match="--max-queue 1"):
         sched.enqueue(request(1))
 
 
 def test_a_burst_sends_at_least_half_of_the_queue_into_the_first_prefill():
-    sched = Scheduler(SchedulerLimits(max_batch=16, max_queue=64, prefill_tokens=8))
+    sched = scheduler(max_batch=16, max_queue=64, prefill_tokens=8)
     for _ in range(15):
         sched.enqueue(request(6))
-    assert len(sched.admit()) == 8  # the budget alone would take 2 (12 tokens); the median goes first
-    sched.rows = [row()] * 8
-    assert len(sched.admit()) == 4  # then half of what is left
+    assert len(sched.plan().admitted) == 8  # the budget alone would take 2 (12 tokens); the median goes first
+    for s in sched.rows:
+        s.start()
+    assert len(sched.plan().admitted) == 4  # then half of what is left
+
+
+def test_a_long_prompt_goes_in_by_chunks_while_streams_decode():
+    sched = scheduler(max_batch=4, prefill_tokens=16)
+    sched.enqueue(request(3))
+    sched.plan()
+    sched.rows[0].start()  # a stream decoding
+    long = request(40)
+    sched.enqueue(long)
+    taken = []
+    while not taken or sched.rows[1].state is State.PREFILLING:
+        plan = sched.plan()
+        assert sum(n for _, n in plan.chunks) <= 16 and sched.decode_due(plan.admitted)
+        for s, n in plan.chunks:
+            s.computed += n
+            taken.append(n)
+            if s.computed == len(s.request.prompt):
+                s.start()
+    assert taken == [16, 16, 8] and sched.rows[1].cached == 40
+    assert sched.rows[1].state is State.RUNNING
+
+
+def test_a_prefix_in_the_cache_is_reused_and_one_being_prefilled_is_waited_for():
+    sched = scheduler(prefix_blocks=64, max_batch=8, prefill_tokens=64)
+    template = list(range(1000, 1030))  # 30 tokens: 7 blocks of 4, and 2 more
+    burst = [Request(template + [t, t + 1, t + 2], 4, SamplingConfig()) for t in (1, 2, 3)]
+    for r in burst:
+        sched.enqueue(r)
+    first = sched.plan()
+    assert first.admitted == burst[:1]  # the others' next block is in flight
+    for s, n in first.chunks:
+        s.computed += n
+        assert sched.remember(s) == [(i, i) for i in range(8)]  # 33 tokens: 8 whole blocks into the store
+        s.start()
+    second = sched.plan()
+    assert second.admitted == burst[1:] and [r.cached_tokens for r in burst[1:]] == [28, 28]
+    assert [len(blocks) for _, blocks in second.reused] == [7, 7] and [n for _, n in second.chunks] == [5, 5]
+    again = Request(list(template[:28]), 4, SamplingConfig())  # all of it cached: one token is still prefilled
+    sched.enqueue(again)
+    sched.plan()
+    assert again.cached_tokens == 24
 
 
 def test_compaction_keeps_running_rows_a_dense_prefix():
-    sched = Scheduler(SchedulerLimits(max_batch=5))
+    sched = scheduler(max_batch=5)
     a, b, c, d, e = (row(cached=i) for i in range(5))
     b.state = d.state = State.FINISHED
     sched.rows = [a, b, c, d, e]
