@@ -77,4 +77,5 @@ def completion(ids: CompletionIds, texts: list[str], reasons: list, requests: li
 
 
 def call_usage(requests: list[Request]) -> dict:
-    return usage(sum(len(r.prompt) for r in requests), sum(len(s.generated) for r in requests for s in r.sequences))
+    return usage(sum(len(r.prompt) for r in requests), sum(len(s.generated) for r in requests for s in r.sequences),
+                 sum(r.cached_tokens for r in requests))

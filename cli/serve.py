@@ -27,8 +27,14 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 @click.option("--max-total", type=click.IntRange(2), help="Positions per sequence (prompt + new tokens) in the KV pool; "
               "default: the model's (1024). Lower it to shrink the pool.")
 @click.option("--prefill-tokens", type=click.IntRange(1), default=default("prefill_tokens"), show_default=True,
-              help="Prompt tokens prefilled per engine step (at least one request): lower starts a burst of "
-                   "requests streaming sooner, higher raises prompt throughput.")
+              help="The prefill chunk: prompt tokens prefilled between two decode steps while streams run, so a "
+                   "long prompt delays each running stream by one chunk, not its whole length. Lower keeps streams "
+                   "smoother, higher prefills long prompts sooner.")
+@click.option("--prefix-cache-tokens", type=click.IntRange(0),
+              help="Prompt positions kept for reuse (default: twice --max-total): a prompt that begins like an "
+                   "earlier one (a few-shot template, a shared instruction) starts from its cached KV and prefills "
+                   "only the rest. Least recently used prefixes go first; the memory check counts them.")
+@click.option("--no-prefix-cache", is_flag=True, help="Prefill every prompt whole (no reuse; same as --prefix-cache-tokens 0).")
 @click.option("-t", "--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=default("timeout_s"), show_default=True,
               help="Seconds a request may take, queueing included.")
@@ -43,8 +49,8 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
                                                   "batch shape once (faster start, slower first burst).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the graph's files (paths are still checked).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
-def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tokens, threads, timeout_s, drain_s, model_name,
-         api_key, open_metrics, no_warm_up, no_verify, verbose):
+def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tokens, prefix_cache_tokens, no_prefix_cache,
+         threads, timeout_s, drain_s, model_name, api_key, open_metrics, no_warm_up, no_verify, verbose):
     """Serve the model in BUNDLE over OpenAI's completions API.
 
     Routes: POST /v1/completions (streaming with "stream": true), GET /v1/models, GET /health
@@ -56,6 +62,7 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tok
     Examples:
       cpm-serve ./cpm-bundle
       cpm-serve ./cpm-bundle -g cpu-int8 --max-batch 32 --port 8080
+      cpm-serve ./cpm-bundle --prefix-cache-tokens 4096 --prefill-tokens 32   # long few-shot prompts
       curl -s 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
            -d '{"prompt": "清华大学", "max_tokens": 32}'
     """
@@ -82,7 +89,8 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tok
         click.echo(f"warning: listening on {host} without an API key: anyone who reaches the port is served "
                    "(set CPM_SERVE_API_KEY)", err=True)
     config = ServerConfig(bundle, graph=graph, threads=threads, max_batch=max_batch, max_queue=max_queue,
-                          max_total=max_total, prefill_tokens=prefill_tokens, timeout_s=timeout_s, drain_s=drain_s,
+                          max_total=max_total, prefill_tokens=prefill_tokens,
+                          prefix_cache_tokens=0 if no_prefix_cache else prefix_cache_tokens, timeout_s=timeout_s, drain_s=drain_s,
                           model_name=model_name, verify=not no_verify, api_key=api_key, open_metrics=open_metrics,
                           warm_up=not no_warm_up)
     with user_errors():

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
+from ..engine.engine import prefix_store_tokens
 from ..engine.scheduler import SchedulerLimits
 
 _LIMITS = SchedulerLimits()
@@ -23,7 +24,8 @@ class ServerConfig:
     max_batch: int = Field(_LIMITS.max_batch, ge=1, le=256)
     max_queue: int = Field(_LIMITS.max_queue, ge=0)
     max_total: int | None = Field(None, ge=2)  # positions per sequence in the KV pool; None: the model's
-    prefill_tokens: int = Field(_LIMITS.prefill_tokens, ge=1)
+    prefill_tokens: int = Field(_LIMITS.prefill_tokens, ge=1)  # the prefill chunk while streams decode
+    prefix_cache_tokens: int | None = Field(None, ge=0)  # prompt positions kept for reuse; None: 2 x max_total; 0: none
     timeout_s: float | None = Field(300.0, gt=0)  # a request's time, queueing included
     drain_s: float = Field(10.0, ge=0)  # on shutdown: what open requests get to finish
     model_name: str | None = None  # the model id in the API; None: the bundle folder's name
@@ -47,7 +49,8 @@ class ServerConfig:
         bundle = Bundle.open(self.bundle, verify=False)
         name = self.graph or bundle.default_graph
         capacity = min(self.max_total or bundle.config["n_positions"], bundle.config["n_positions"])
-        serving_memory(bundle, name).check(self.max_batch, capacity, f"{self.name} ({name})")
+        serving_memory(bundle, name).check(self.max_batch, capacity, f"{self.name} ({name})",
+                                           prefix_store_tokens(self.prefix_cache_tokens, capacity))
 
     def load(self):
         """Check the memory, load the bundle, warm the engine up and start it."""
@@ -55,7 +58,8 @@ class ServerConfig:
 
         self.check_memory()
         return Engine.from_bundle(self.bundle, graph=self.graph, threads=self.threads, verify=self.verify,
-                                  limits=self.limits(), max_total=self.max_total, warm_up=self.warm_up).start()
+                                  limits=self.limits(), max_total=self.max_total, warm_up=self.warm_up,
+                                  prefix_cache_tokens=self.prefix_cache_tokens).start()
 
 
 

@@ -94,6 +94,23 @@ def test_an_openai_batch_file_gets_cpm_serves_answers(trained_bundle, trained_ge
         assert g["response"] is None and what in g["error"]["message"]
 
 
+def test_a_file_of_inputs_behind_one_template_computes_the_template_once(trained_bundle, trained_generator, tmp_path):
+    """The common offline case: a few-shot template, then each line's input. The first line's
+    template is prefilled; every later line starts from it (its usage says how many tokens)."""
+    template = "，".join(corpus_lines(60)[40:43]) + "。\n"
+    prompts = [template + p for p in PROMPTS[:8]]
+    lines = [{"custom_id": str(i), "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": p, "max_tokens": 5, "temperature": 0}} for i, p in enumerate(prompts)]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines), encoding="utf-8")
+    r = run([str(trained_bundle), "-f", str(tmp_path / "in.jsonl"), "-g", "cpu-fp32", "-b", "4", "-q"])
+    assert r.exit_code == 0, r.output
+    bodies = [g["response"]["body"] for g in records(r.stdout)]
+    assert [b["choices"][0]["text"] for b in bodies] == [
+        trained_generator(p, max_new_tokens=5)[0]["generated_text"][len(p):] for p in prompts]
+    cached = [b["usage"]["prompt_tokens_details"]["cached_tokens"] for b in bodies]
+    assert cached[0] == 0 and min(cached[1:]) > 40
+
+
 def test_graphs_the_engine_cannot_batch_run_line_by_line_with_the_same_records(trained_bundle, tmp_path):
     from cpm_deploy.runtime import CPMGenerator
 

@@ -23,25 +23,31 @@ class ServingMemory:
     per_position: int  # KV bytes of one position of one sequence, every layer, keys and values
     available: int | None  # bytes this process may still use (None: unknown here)
 
-    def pool(self, max_batch: int, capacity: int) -> int:
-        return max_batch * capacity * self.per_position
+    def pool(self, max_batch: int, capacity: int, prefix_tokens: int = 0) -> int:
+        """Slots for ``max_batch`` sequences of ``capacity`` positions, and a prefix store of
+        ``prefix_tokens`` positions."""
+        return (max_batch * capacity + prefix_tokens) * self.per_position
 
-    def need(self, max_batch: int, capacity: int) -> int:
-        return int((self.weights + self.pool(max_batch, capacity)) * HEADROOM) + RESERVE
+    def need(self, max_batch: int, capacity: int, prefix_tokens: int = 0) -> int:
+        return int((self.weights + self.pool(max_batch, capacity, prefix_tokens)) * HEADROOM) + RESERVE
 
-    def check(self, max_batch: int, capacity: int, what: str) -> None:
+    def check(self, max_batch: int, capacity: int, what: str, prefix_tokens: int = 0) -> None:
         if self.available is None:
             return
-        need = self.need(max_batch, capacity)
+        need = self.need(max_batch, capacity, prefix_tokens)
         if need <= self.available:
             return
-        batch_fit = self._largest(lambda b: self.need(b, capacity))
-        total_fit = self._largest(lambda t: self.need(max_batch, t))
+        batch_fit = self._largest(lambda b: self.need(b, capacity, prefix_tokens))
+        total_fit = self._largest(lambda t: self.need(max_batch, t, prefix_tokens))
         fits = [f"--max-batch {batch_fit} (at {capacity} positions)"] if batch_fit >= 1 else []
         fits += [f"--max-total {total_fit} (at --max-batch {max_batch})"] if total_fit >= 2 else []
+        if prefix_tokens and self.need(max_batch, capacity) <= self.available:
+            fits += [f"--prefix-cache-tokens {self._largest(lambda p: self.need(max_batch, capacity, p))}"]
+        store = f" + {prefix_tokens} prefix-cache positions" if prefix_tokens else ""
         raise MemoryBudgetError(
-            f"{what}: weights {_gb(self.weights)} + KV pool {_gb(self.pool(max_batch, capacity))} ({max_batch} "
-            f"sequences x {capacity} positions) need about {_gb(need)}, and {_gb(self.available)} is available; "
+            f"{what}: weights {_gb(self.weights)} + KV pool {_gb(self.pool(max_batch, capacity, prefix_tokens))} "
+            f"({max_batch} sequences x {capacity} positions{store}) need about {_gb(need)}, and "
+            f"{_gb(self.available)} is available; "
             + (f"what fits: {' or '.join(fits)}" if fits else "not even one sequence fits: use a smaller graph"))
 
 
