@@ -62,10 +62,12 @@ class Prompts:
 
 async def stream(http, url: str, prompt: list[int], new: int, out: list, delay: float = 0.0) -> None:
     await asyncio.sleep(delay)
-    body = {"model": "model", "prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
+    body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}  # ignore_eos: llama-server's field
     t0, stamps, text, cached = time.perf_counter(), [], "", None
     async with http.stream("POST", url, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: {r.status_code} {(await r.aread()).decode()[:300]}")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue

@@ -330,13 +330,14 @@ class Engine:
 
 def _calls(chunks: list[tuple[int, Sequence, int]]) -> list[list[tuple[int, Sequence, int]]]:
     """Chunks (slot, row, tokens) grouped into prompt calls: rows of neighbouring slots, whose
-    padding to the call's widest chunk stays under half of their tokens."""
+    padding to the call's widest chunk stays under half of their tokens (or under 32 tokens: a
+    call of its own would cost more)."""
     calls: list[list] = []
     for chunk in sorted(chunks, key=lambda c: c[0]):
         call = calls[-1] if calls else None
         if call and chunk[0] == call[-1][0] + 1:
             width, tokens = max(max(n for *_, n in call), chunk[2]), sum(n for *_, n in call) + chunk[2]
-            if width * (len(call) + 1) <= 1.5 * tokens:
+            if width * (len(call) + 1) - tokens <= max(0.5 * tokens, 32):
                 call.append(chunk)
                 continue
         calls.append([chunk])

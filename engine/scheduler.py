@@ -85,14 +85,14 @@ class Scheduler:
     def plan(self) -> Plan:
         """This pass's prompt work: chunks for the prompts under way, oldest first, then new
         requests in order while slots and the token budget last. Requests that wait for a prefix
-        being prefilled are passed over; at least half of those waiting are admitted when their
+        being prefilled are passed over; more than half of those waiting are admitted when their
         prompts are short (a burst's median request then reaches its first token after one call)."""
         plan, budget = Plan(), _Budget(self.limits.prefill_tokens, whole_first=not self.decoding)
         under_way = sorted((s for s in self.rows if s.state is State.PREFILLING), key=lambda s: s.request.id)
         for s in under_way:
             budget.take(plan, s)
         in_flight = {k for s in under_way for k in s.request.keys[s.computed // self._block:]}
-        free, quorum = self.free_slots, (len(self.waiting) + 1) // 2
+        free, quorum = self.free_slots, len(self.waiting) // 2 + 1
         for r in list(self.waiting):
             if r.n > free:
                 break
@@ -101,7 +101,7 @@ class Scheduler:
                 continue  # its next block is being computed: start from the cache once it is there
             cost = (len(r.prompt) - hit * self._block) * r.n
             short = len(plan.admitted) < quorum and cost <= self.limits.prefill_tokens
-            if not (budget.left > 0 or budget.whole_first or short):
+            if not (budget.left >= min(cost, budget.least) or budget.whole_first or short):
                 break
             self.waiting.remove(r)
             blocks = self.prefix.match(r.prompt, r.keys, hit) if hit else []
@@ -165,13 +165,17 @@ class Scheduler:
 
 
 class _Budget:
-    """Prompt tokens a pass may still prefill; with ``whole_first``, the first prompt takes all it needs."""
+    """Prompt tokens a pass may still prefill; with ``whole_first``, the first prompt takes all it
+    needs. A prompt that cannot finish in this pass takes a quarter of the budget or waits: a
+    call's own cost would swamp a sliver."""
 
     def __init__(self, tokens: int, whole_first: bool):
-        self.left, self.whole_first = tokens, whole_first
+        self.left, self.whole_first, self.least = tokens, whole_first, max(1, tokens // 4)
 
     def take(self, plan: Plan, s: Sequence, whole: bool = False) -> None:
         n = s.to_prefill if whole or self.whole_first else min(s.to_prefill, max(self.left, 0))
+        if n < min(s.to_prefill, self.least):
+            n = 0
         n = max(n, s.computed == 0)  # a row in a slot holds at least one position (decode steps skip it then)
         self.whole_first = False
         if n > 0:

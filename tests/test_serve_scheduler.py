@@ -55,30 +55,34 @@ def chunks(plan) -> list[tuple[int, int]]:
 
 def test_admission_takes_the_queue_in_order_within_slots_and_the_prompt_budget():
     sched = scheduler(max_batch=4, max_queue=8, prefill_tokens=12)
-    for length, n in [(30, 1), (4, 1)]:
-        sched.enqueue(request(length, n))
+    a, b, c, d = request(30), request(20), request(4, n=2), request(1)
+    sched.enqueue(a)
+    sched.enqueue(b)
     first = sched.plan()
     # nothing decodes: the first prompt goes in whole, and the budget is spent
-    assert [len(r.prompt) for r in first.admitted] == [30] and [n for _, n in first.chunks] == [30]
+    assert first.admitted == [a] and chunks(first) == [(a.id, 30)]
     sched.rows[0].start()
-    for length, n in [(4, 2), (1, 1)]:
-        sched.enqueue(request(length, n))
-    second = sched.plan()
-    assert [(len(r.prompt), r.n) for r in second.admitted] == [(4, 1), (4, 2)]  # 4 + 8 tokens: the whole budget
-    assert len(sched.rows) == 4 and sched.free_slots == 0 and sched.plan().admitted == []  # no slot: they wait
+    second = sched.plan()  # a stream decodes now: b gets one chunk of the budget
+    assert second.admitted == [b] and chunks(second) == [(b.id, 12)]
+    b.sequences[0].computed += 12
+    sched.enqueue(c)
+    sched.enqueue(d)
+    third = sched.plan()  # b's rest first; c is short, and so one of more than half the queue: it goes whole
+    assert third.admitted == [c] and chunks(third) == [(b.id, 8), (c.id, 4), (c.id, 4)]
+    assert sched.free_slots == 0 and sched.plan().admitted == []  # no slot for d: it waits
     sched.limits = SchedulerLimits(max_batch=4, max_queue=1)
     with pytest.raises(QueueFull, match="--max-queue 1"):
         sched.enqueue(request(1))
 
 
-def test_a_burst_sends_at_least_half_of_the_queue_into_the_first_prefill():
+def test_a_burst_sends_more_than_half_of_the_queue_into_the_first_prefill():
     sched = scheduler(max_batch=16, max_queue=64, prefill_tokens=8)
     for _ in range(15):
         sched.enqueue(request(6))
     assert len(sched.plan().admitted) == 8  # the budget alone would take 2 (12 tokens); the median goes first
     for s in sched.rows:
         s.start()
-    assert len(sched.plan().admitted) == 4  # then half of what is left
+    assert len(sched.plan().admitted) == 4  # then more than half of what is left
 
 
 def test_a_long_prompt_goes_in_by_chunks_while_streams_decode():

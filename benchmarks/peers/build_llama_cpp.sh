@@ -10,6 +10,7 @@
 # -q4_0 with Q4=1) with hf_to_gguf.py beside this script. Needs pip (network), cmake, a C++
 # compiler, and numpy, safetensors and sentencepiece (`pip install gguf` is done here).
 set -euo pipefail
+HERE=$(dirname "$(realpath "$0")")  # before the cd below: $0 may be relative
 WORK=$(realpath -m "$1"); shift
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 JOBS=${JOBS:-$(nproc)}
@@ -36,7 +37,6 @@ log cmake --build build -j "$JOBS" --target llama-server llama-bench llama-quant
 echo "built: $(ls build/bin)"
 
 pip install --quiet "$SRC/gguf-py"  # the gguf writer of the same llama.cpp
-HERE=$(dirname "$(realpath "$0")")
 for hf in "$@"; do
   name=$(basename "$hf")
   [ -f "$name-f32.gguf" ] || python "$HERE/hf_to_gguf.py" "$hf" "$name-f32.gguf"

@@ -4,10 +4,11 @@
   occupy slots 0 .. n-1 (a dense prefix), so a step over n rows binds the first n rows of every
   buffer, which are contiguous; a finished sequence's slot is filled by moving the last one into it
   (only its used positions are copied).
-- a prefix store: [heads, blocks, block_size, head_dim] per layer and kind, where positions that
+- a prefix store: [heads, blocks x block_size, head_dim] per layer and kind, where positions that
   prompts share are kept in blocks and copied into the slots of later sequences that begin with
   them. Which block holds which tokens is the engine's business (its prefix cache); the pool only
-  copies."""
+  copies, a run of consecutive blocks at a time (a prefix stored in one go sits in consecutive
+  blocks, so a hit is one slice copy per head and buffer)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ class KVPool:
         # separate arrays: an OrtValue over a numpy array shares its memory, and each layer's cache
         # is written in place by its own attention node
         self.buffers = [np.zeros((max_batch, n_head, capacity, head_dim), dtype) for _ in range(n_buffers)]
-        self.store = [np.zeros((n_head, store_blocks, block_size, head_dim), dtype) for _ in range(n_buffers)]
+        self.store = [np.zeros((n_head, store_blocks * block_size, head_dim), dtype) for _ in range(n_buffers)]
 
     @property
     def store_blocks(self) -> int:
-        return self.store[0].shape[1] if self.store else 0
+        return self.store[0].shape[1] // self.block_size if self.store else 0
 
     @property
     def nbytes(self) -> int:
@@ -50,17 +51,23 @@ class KVPool:
 
     def save(self, slot: int, indices: list[int], blocks: list[int]) -> None:
         """Blocks ``indices`` of ``slot`` (block i: positions i*block_size onwards) into store ``blocks``."""
-        if not blocks:
-            return
-        size = self.block_size
-        positions = (np.asarray(indices)[:, None] * size + np.arange(size)).ravel()
-        for b, s in zip(self.buffers, self.store):
-            s[:, blocks] = b[slot][:, positions].reshape(b.shape[1], len(blocks), size, b.shape[3])
+        for first, block, n in _runs(indices, blocks, self.block_size):
+            for b, s in zip(self.buffers, self.store):
+                s[:, block:block + n] = b[slot, :, first:first + n]
 
     def load(self, blocks: list[int], slot: int) -> None:
         """Store ``blocks``, in order, into the first positions of ``slot``."""
-        if not blocks:
-            return
-        stop = len(blocks) * self.block_size
-        for b, s in zip(self.buffers, self.store):
-            b[slot, :, :stop] = s[:, blocks].reshape(b.shape[1], stop, b.shape[3])
+        for first, block, n in _runs(range(len(blocks)), blocks, self.block_size):
+            for b, s in zip(self.buffers, self.store):
+                b[slot, :, first:first + n] = s[:, block:block + n]
+
+
+def _runs(indices, blocks, size: int) -> list[tuple[int, int, int]]:
+    """(first slot position, first store position, positions) of each run of blocks consecutive in both."""
+    runs: list[list[int]] = []
+    for i, b in zip(indices, blocks):
+        if runs and runs[-1][0] + runs[-1][2] == i * size and runs[-1][1] + runs[-1][2] == b * size:
+            runs[-1][2] += size
+        else:
+            runs.append([i * size, b * size, size])
+    return [tuple(r) for r in runs]
