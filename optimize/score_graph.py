@@ -6,6 +6,10 @@ Its scoring twin is the same graph with that pick removed, so the head runs at e
 tail that turns the logits into log-probabilities of ``target_ids`` [B, S]:
 
     LogSoftmax(logits) -> GatherElements(target_ids) -> token_logprobs [B, S] (float32)
+                       -> TopK(5)                    -> top_logprobs [B, S, 5], top_ids [B, S, 5]
+
+(the top five: what an echoed prompt's ``top_logprobs`` report over the API; onnxruntime runs the
+TopK only when a caller asks for those outputs).
 
 Only nodes change: the initializers keep their external-data references, so the twin reads the very
 weights (same data file, same offsets) the generation graph reads and adds no bytes beyond its
@@ -20,10 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..runtime.eval.scoring import MAX_TOP as TOP_K, SCORE_OUTPUT, TARGETS_INPUT, TOP_OUTPUTS
 from .errors import OptimizeError
-
-SCORE_OUTPUT = "token_logprobs"
-TARGETS_INPUT = "target_ids"
 
 
 class ScoreGraphError(OptimizeError, ValueError):
@@ -62,6 +64,7 @@ def to_scoring(model: onnx.ModelProto) -> None:
         raise ScoreGraphError("the graph's logits do not come from a Reshape of the head")
     g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "score/vocab_dim"))
     g.initializer.append(numpy_helper.from_array(np.array([2], np.int64), "score/axis2"))
+    g.initializer.append(numpy_helper.from_array(np.array([TOP_K], np.int64), "score/top_k"))
     logits_type = next(o.type.tensor_type.elem_type for o in g.output if o.name == "logits")
     logits.output[0] = "score/logits"
     shape = helper.make_node("Shape", ["input_ids"], ["score/batch_seq"], name="/score/batch_seq")
@@ -82,6 +85,7 @@ def to_scoring(model: onnx.ModelProto) -> None:
         helper.make_node("GatherElements", ["score/logprobs", "score/targets"], ["score/picked"],
                          name="/score/pick", axis=2),
         helper.make_node("Squeeze", ["score/picked", "score/axis2"], [SCORE_OUTPUT], name="/score/token_logprobs"),
+        helper.make_node("TopK", ["score/logprobs", "score/top_k"], list(TOP_OUTPUTS), name="/score/top", axis=-1),
     ]
     g.node.extend(tail)
 
@@ -90,7 +94,9 @@ def to_scoring(model: onnx.ModelProto) -> None:
     g.input.append(helper.make_tensor_value_info(TARGETS_INPUT, TensorProto.INT64, dims))
     outputs = [o for o in g.output if o.name != "logits"]
     del g.output[:]
-    g.output.extend([helper.make_tensor_value_info(SCORE_OUTPUT, TensorProto.FLOAT, dims), *outputs])
+    g.output.extend([helper.make_tensor_value_info(SCORE_OUTPUT, TensorProto.FLOAT, dims),
+                     helper.make_tensor_value_info(TOP_OUTPUTS[0], TensorProto.FLOAT, [*dims, TOP_K]),
+                     helper.make_tensor_value_info(TOP_OUTPUTS[1], TensorProto.INT64, [*dims, TOP_K]), *outputs])
     _drop_dead_nodes(g)
 
 
