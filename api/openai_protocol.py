@@ -3,18 +3,27 @@
 Fields follow the OpenAI reference; ``top_k`` and ``repetition_penalty`` are extra fields (the
 openai client passes them with ``extra_body``). Unknown fields are ignored, as OpenAI does; known
 fields of the wrong type are refused with the field named, and known fields this server cannot
-honour (echo, logprobs, best_of, suffix) are refused rather than ignored.
+honour (best_of, suffix) are refused rather than ignored.
+
+``logprobs`` (0 to 5) reports each token's log-probability under the model's own distribution,
+before temperature, penalties, bias and top-k / top-p, and that many alternatives; ``echo`` puts
+the prompt in front of the completion, with its tokens' log-probabilities when ``logprobs`` is set
+(the first has none: null), scored in one pass on the bundle's scoring graph. CPM's vocabulary has
+no byte pieces: every token is whole characters, so a token's text is its piece decoded alone.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
+from itertools import accumulate
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..engine.errors import ServeError
+from ..runtime.generation.logprobs import MAX_TOP, TokenLogprob
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 MAX_LOGIT_BIAS = 1024  # entries: bounds the per-step work one request can ask for
@@ -39,7 +48,7 @@ class CompletionRequest(BaseModel):
     model: str | None = None
     prompt: (str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
              | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)])
-    max_tokens: Annotated[int, Field(ge=1)] | None = DEFAULT_MAX_TOKENS
+    max_tokens: Annotated[int, Field(ge=0)] | None = DEFAULT_MAX_TOKENS  # 0: with echo, score the prompt only
     temperature: Annotated[float, Field(ge=0, le=2)] | None = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] | None = 1.0
     top_k: Annotated[int, Field(ge=0)] | None = 0
@@ -54,7 +63,7 @@ class CompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP)] | None = None
     best_of: int | None = None
     suffix: str | None = None
     user: str | None = None
@@ -82,11 +91,14 @@ class CompletionRequest(BaseModel):
                 "logit_bias": tuple(sorted((int(k), float(v)) for k, v in bias.items())),
                 "seed": self.seed, "stop": tuple(stop)}
 
+    def check(self) -> None:
+        """Fields that are valid alone but not together (FieldError)."""
+        if self.echo and (self.n or 1) > 1:
+            raise FieldError("n", "echo with n > 1 is not supported (the prompt would be echoed n times)")
+        if self.max_tokens == 0 and not self.echo:
+            raise FieldError("max_tokens", "max_tokens 0 generates nothing: it is only for echo (scoring the prompt)")
+
     def unsupported(self) -> str | None:
-        if self.echo:
-            return "echo"
-        if self.logprobs:
-            return "logprobs"
         if self.best_of not in (None, 1, self.n):
             return "best_of"
         if self.suffix:
@@ -99,12 +111,12 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def validation_error_body(error: ValidationError) -> dict:
+def validation_error_body(error: ValidationError, prompt_shapes: str = PROMPT_SHAPES) -> dict:
     e = error.errors()[0]
     if not e["loc"]:  # the body itself: not JSON, or not an object
         return error_body(f"the request body: {e['msg']}")
     if e["loc"][0] == "prompt" and e["type"] != "missing":  # four shapes: pydantic's first miss names one
-        return error_body(f"prompt must be {PROMPT_SHAPES}", param="prompt")
+        return error_body(f"prompt must be {prompt_shapes}", param="prompt")
     field = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or len(e["loc"]) == 1)
     return error_body(f"{field}: {e['msg']}", param=str(e["loc"][0]))
 
@@ -123,8 +135,23 @@ class CompletionIds:
         return body
 
 
-def choice(index: int, text: str, finish_reason: Literal["stop", "length"] | None) -> dict:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def choice(index: int, text: str, finish_reason: Literal["stop", "length"] | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def logprobs_body(records: list[TokenLogprob], text_of: Callable[[int], str], offset: int = 0) -> dict:
+    """OpenAI's completions ``logprobs`` object for ``records``, the first starting at character
+    ``offset`` of the choice's text. Alternatives map text to log-probability, best first; two
+    tokens of one text keep the better one."""
+    tokens = [text_of(r.token) for r in records]
+    tops = []
+    for r in records:
+        top: dict[str, float] = {}
+        for token, lp in r.top:
+            top.setdefault(text_of(token), lp)
+        tops.append(None if r.logprob is None else top)
+    return {"tokens": tokens, "token_logprobs": [r.logprob for r in records], "top_logprobs": tops,
+            "text_offset": list(accumulate([offset] + [len(t) for t in tokens[:-1]]))[:len(tokens)]}
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:

@@ -24,16 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime import CPMGenerator, GenerationError
+from ..runtime import CPMGenerator
 from ..runtime.backends import SlotDecoder
-from ..runtime.generation.requests import check_choices, check_prompt_ids, fit_prompts, new_tokens, sampling_config
+from ..runtime.generation.logprobs import TokenLogprob, logprobs_of
 from ..runtime.generation.step import choose_next
-from .errors import ServeError
 from .metrics import EngineMetrics
 from .prefix_cache import PrefixCache
+from .requests import RequestError, RequestRules
 from .runner import ModelRunner
 from .scheduler import Plan, Scheduler, SchedulerLimits
-from .sequence import EngineError, Event, Request, Sequence, State, make_sequences
+from .scoring import PromptScoring
+from .sequence import EngineError, Event, Request, ScoreRequest, Sequence, State, make_sequences
 
 log = logging.getLogger("cpm_deploy.engine")
 
@@ -45,17 +46,14 @@ def prefix_store_tokens(setting: int | None, capacity: int) -> int:
     return 2 * capacity if setting is None else max(setting, 0)
 
 
-class RequestError(ServeError, ValueError):
-    """A request that cannot be served as asked (a client error; nothing else is disturbed)."""
-
-
 class Engine:
     def __init__(self, generator: CPMGenerator, limits: SchedulerLimits | None = None, max_total: int | None = None,
-                 warm_up: bool = True, prefix_cache_tokens: int | None = None, **limit_fields):
+                 warm_up: bool = True, prefix_cache_tokens: int | None = None, scorer=None, **limit_fields):
         """``limits`` (or its fields as keywords: max_batch, max_queue, prefill_tokens,
         max_decode_delay_s) schedule the work; ``max_total`` caps the positions per sequence;
         ``prefix_cache_tokens`` sizes the store of shared prompt prefixes (None: two sequences'
-        positions; 0: no reuse)."""
+        positions; 0: no reuse); ``scorer`` opens the scorer echoed prompts are scored on (default:
+        the scoring twin of the generator's graph in its bundle; none for a generator built by hand)."""
         limits = limits or SchedulerLimits(**limit_fields)
         if not isinstance(generator.decoder, SlotDecoder):
             raise EngineError(f"continuous batching needs a shared-KV graph (cpu-fp32, cpu-int8, cpu-int4, cuda-*); "
@@ -70,6 +68,8 @@ class Engine:
         self.full_warm_up, self.warm_up_s = warm_up, 0.0
         self.runner = ModelRunner(self.decoder, limits.max_batch, self.capacity, self.tokenizer.pad_id, blocks,
                                   PREFIX_BLOCK)
+        self.scoring = PromptScoring(scorer or _twin_of(generator))
+        self.rules = RequestRules(generator, self.capacity, limits.max_batch)
         self.metrics = EngineMetrics()
         self.metrics.kv_slots.set(limits.max_batch)
         self._cv = threading.Condition()  # guards the scheduler's queue and the flags below
@@ -88,23 +88,28 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------------
     def make_request(self, prompt: str | list[int], max_new_tokens: int, n: int = 1, timeout_s: float | None = None,
-                     sink=None, stream: bool = True, **sampling) -> Request:
+                     sink=None, stream: bool = True, logprobs: int | None = None, **sampling) -> Request:
         """Validate and build a request (not yet submitted), by the generator's rules against this
         server's positions per sequence and batch. Raises RequestError."""
-        try:
-            if isinstance(prompt, str):
-                ids = self.generator.prepare([prompt], None, 1, False).prompts[0]
-            else:
-                ids = list(prompt)
-                check_prompt_ids(ids, self.generator.decodable)
-            new = new_tokens(None, max_new_tokens, len(ids), self.capacity, name="max_tokens")
-            fit_prompts([ids], new, self.capacity, owner="the", hint="the server holds that many per sequence "
-                                                                             "(--max-total); shorten the prompt or lower max_tokens")
-            check_choices(n, True, limit=self.max_batch, name="n")
-            cfg = sampling_config(sampling, self.generator.decodable)
-        except GenerationError as e:
-            raise RequestError(str(e)) from None
-        return Request(ids, new, cfg, n, timeout_s, sink or (lambda e: None), stream)
+        return self.rules.request(prompt, max_new_tokens, n, timeout_s, sink, stream, logprobs, **sampling)
+
+    def make_score_request(self, prompts: list[str | list[int]], top: int, sink) -> ScoreRequest:
+        """Prompts to score on the scoring graph (an echo), not to continue. Raises RequestError."""
+        if not self.scoring.available:
+            raise RequestError("this engine has no scoring graph: echoed log-probabilities need a bundle")
+        return self.rules.score_request(prompts, top, sink)
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        return self.rules.prompt_ids(prompt)
+
+    def submit_scoring(self, request: ScoreRequest) -> ScoreRequest:
+        with self._cv:
+            if not self._accepting:
+                raise EngineError("the server is shutting down")
+            self.scoring.waiting.append(request)
+            self._idle = False
+            self._cv.notify_all()
+        return request
 
     def submit(self, request: Request) -> Request:
         with self._cv:
@@ -183,14 +188,17 @@ class Engine:
         sched = self.scheduler
         while True:
             with self._cv:
-                self._idle = sched.idle
+                self._idle = sched.idle and not self.scoring.waiting
                 self._cv.notify_all()  # a shutdown waiting for the engine to drain
-                while sched.idle and not self._stop:
+                while sched.idle and not self.scoring.waiting and not self._stop:
                     self._cv.wait()
                 if self._stop:
                     for r in sched.waiting:
                         self._finish_waiting(r, "cancelled")
                     sched.waiting.clear()
+                    for r in self.scoring.waiting:
+                        r.sink(EngineError("the server is shutting down"))
+                    self.scoring.waiting.clear()
                     for s in sched.rows:
                         s.request.cancel()  # retired as cancelled by the next pass
                     if not sched.rows:
@@ -204,7 +212,9 @@ class Engine:
     def _pass(self) -> None:
         sched, now = self.scheduler, time.perf_counter()
         with self._cv:
-            expired = sched.expired_waiting(now)
+            expired, scores = sched.expired_waiting(now), self.scoring.take()
+        if scores:
+            self.scoring.run(scores)
         for r, why in expired:
             self._finish_waiting(r, why)
         for s, why in sched.expired_running(now):
@@ -285,7 +295,14 @@ class Engine:
         self._take_tokens([s for s, go in zip(rows, running) if go], logits[running])
 
     def _take_tokens(self, seqs: list[Sequence], logits: np.ndarray) -> None:
+        asked = [i for i, s in enumerate(seqs) if s.request.logprobs is not None]
+        raw = logits[asked] if asked else None  # a copy, before sampling's settings touch the logits
         tokens = choose_next(logits, [s.decoding for s in seqs], self.generator.decodable)
+        if asked:
+            top = max(seqs[i].request.logprobs for i in asked)
+            for i, lp in zip(asked, logprobs_of(raw[:, :self.generator.decodable], tokens[asked], top)):
+                if int(tokens[i]) != self.generator.eod_id:  # <eod> ends the text; it is no token of it
+                    seqs[i].pending.append(TokenLogprob(lp.token, lp.logprob, lp.top[:seqs[i].request.logprobs]))
         now = time.perf_counter()
         for s, tok in zip(seqs, tokens.tolist()):
             piece = s.decoding.accept(tok)
@@ -298,7 +315,7 @@ class Engine:
             self.metrics.tokens.inc()
             if piece:
                 if s.request.stream:
-                    self._send(s.request, Event("token", s.index, piece, tok))
+                    self._send(s.request, Event("token", s.index, piece, tok, logprobs=_take(s.pending)))
                 else:
                     s.held.append(piece)
             if s.decoding.done:
@@ -307,8 +324,8 @@ class Engine:
     def _finish(self, s: Sequence, reason: str) -> None:
         s.finish(reason)
         text = "".join(s.held) + (s.decoding.rest() if reason in ("stop", "length") else "")
-        if text:
-            self._send(s.request, Event("token", s.index, text))
+        if text or s.pending:
+            self._send(s.request, Event("token", s.index, text, logprobs=_take(s.pending)))
         self._send(s.request, Event("finish", s.index, reason=reason))
         if s.request.finished:
             self.metrics.requests.labels(reason).inc()
@@ -326,6 +343,24 @@ class Engine:
             r.sink(event)
         except Exception:  # noqa: BLE001 - a consumer that went away cancels its request
             r.cancel()
+
+
+def _twin_of(generator: CPMGenerator):
+    """Opens the one-pass scorer of the generator's graph in its bundle (None: not from a bundle)."""
+    if generator.source is None or generator.decoder.kind == "tensorrt":
+        return None
+    from ..runtime.eval import open_scorer
+
+    s = generator.source
+    return lambda: open_scorer(s["path"], generator.graph_name, "one-pass", provider=s["provider"],
+                               threads=s["threads"], verify=s["verify"])
+
+
+def _take(pending: list) -> tuple:
+    """The pending items, emptied."""
+    out = tuple(pending)
+    pending.clear()
+    return out
 
 
 def _calls(chunks: list[tuple[int, Sequence, int]]) -> list[list[tuple[int, Sequence, int]]]:

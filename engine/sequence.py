@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..runtime.generation.logprobs import TokenLogprob
 from ..runtime.generation.sampling import SamplingConfig
 from ..runtime.generation.step import SequenceDecoding
 from .errors import ServeError
@@ -32,14 +33,16 @@ class State(enum.Enum):
 
 @dataclass(frozen=True)
 class Event:
-    """``token``: ``text`` became visible in choice ``index``; ``finish``: choice ``index`` ended
-    (``reason`` stop / length / cancelled / timeout); ``error``: the request failed (``text`` says why)."""
+    """``token``: ``text`` became visible in choice ``index`` (with ``logprobs``: the tokens behind it,
+    when the request asked for them); ``finish``: choice ``index`` ended (``reason`` stop / length /
+    cancelled / timeout); ``error``: the request failed (``text`` says why)."""
 
     kind: str
     index: int = 0
     text: str = ""
     token_id: int = -1
     reason: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 _ids = itertools.count(1)
@@ -54,6 +57,7 @@ class Request:
     timeout_s: float | None = None
     sink: Callable[[Event], None] = print
     stream: bool = True  # False: one token event with the whole text, just before each choice's finish
+    logprobs: int | None = None  # with each token, its log-probability and this many alternatives
     id: int = field(default_factory=lambda: next(_ids))
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -81,6 +85,7 @@ class Sequence:
     state: State = State.WAITING
     finish_reason: str | None = None
     held: list[str] = field(default_factory=list)  # text pieces of a request that does not stream
+    pending: list[TokenLogprob] = field(default_factory=list)  # log-probabilities not yet sent
     first_token_at: float | None = None
     last_token_at: float | None = None
     computed: int = 0  # prompt positions in its KV slot so far (PREFILLING)
@@ -122,3 +127,14 @@ def make_sequences(request: Request, generator) -> list[Sequence]:
             enumerate(generator.sequences(rows, request.max_new_tokens, request.sampling, request.n))]
     request.sequences = seqs
     return seqs
+
+
+@dataclass(eq=False)
+class ScoreRequest:
+    """Prompts to score, not to continue (an echoed prompt's log-probabilities): each row's tokens
+    after its first, with ``top`` alternatives. ``sink`` receives the list of ``Positions`` (one per
+    row), or the exception that failed them."""
+
+    rows: list[list[int]]
+    top: int
+    sink: Callable[[object], None]

@@ -103,8 +103,9 @@ def skip_done(lines: Iterable[Line], done: list[dict], fmt: str) -> Iterator[Lin
 class _Job:
     line: Line
     requests: list = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # plain lines' choices
     reasons: list = field(default_factory=list)
+    choices: completions.Choices | None = None  # batch lines' choices, answered as cpm-serve answers
     submitted: int = 0  # requests handed to the engine so far
     done: int = 0  # requests all of whose choices finished
     record: dict | None = None  # set once the job is finished
@@ -162,14 +163,26 @@ class EngineJob:
             job.record = self._failed(line, 400, str(e))
         n = len(job.requests) * (job.requests[0].n if job.requests else 0)
         job.texts, job.reasons = [""] * n, [None] * n
+        if job.record is None and job.choices is not None and not job.requests:  # echo alone: scored, done
+            job.choices.finish_echo_only()
+            job.record = self._finished(job)
         return job
 
     def _requests(self, job: _Job) -> list:
         line, events = job.line, self.events
         if line.fmt == "openai-batch":
             body = completions.parse(line.body, self.engine, self.model_name)
-            return completions.make_requests(self.engine, body, None,
-                                             lambda k: lambda ev: events.put((job, k, ev)))
+            requests = completions.make_requests(self.engine, body, None, lambda k: lambda ev: events.put((job, k, ev)))
+            answer: queue.Queue = queue.Queue()
+            score = completions.score_request(self.engine, body, answer.put)
+            if score is not None:  # an echo with logprobs: the prompt is scored first (one pass, in the engine)
+                self.engine.submit_scoring(score)
+                positions = completions.scored(answer.get())
+                if isinstance(positions, completions.BodyError):
+                    raise positions
+            job.choices = completions.Choices(self.engine, body, requests, score)
+            job.choices.echoed(positions if score is not None else None)
+            return requests
         o, gen = line.options, self.engine.generator
         n = o.get("num_return_sequences", 1)
         check_choices(n, bool(o.get("do_sample")))
@@ -199,6 +212,9 @@ class EngineJob:
                 r.cancel()
             job.record = self._failed(job.line, failed.status, failed.body["error"]["message"], failed.body)
             return job.submitted - job.done
+        if job.choices is not None:
+            job.choices.add(k * n + ev.index, ev.text, ev.logprobs) if ev.kind == "token" else \
+                job.choices.add(k * n + ev.index, "", reason=ev.reason)
         if ev.kind == "token":
             job.texts[k * n + ev.index] += ev.text
             return 0
@@ -212,8 +228,7 @@ class EngineJob:
 
     def _finished(self, job: _Job) -> dict:
         if job.line.fmt == "openai-batch":
-            body = completions.completion(CompletionIds(self.model_name), job.texts, job.reasons, job.requests)
-            return batch_record(job.line, 200, body)
+            return batch_record(job.line, 200, job.choices.completion(CompletionIds(self.model_name)))
         return generation_record(job.line, job.texts)
 
     @staticmethod

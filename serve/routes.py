@@ -15,13 +15,13 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..api import completions, tokenization
+from ..api.openai_protocol import CompletionIds, CompletionRequest, error_body, models_list, validation_error_body
+from ..engine import Engine, EngineError, QueueFull, RequestError
 from ..engine.errors import ServeError
-from ..api import completions
-from ..engine import Engine
-from ..api.openai_protocol import CompletionIds, CompletionRequest, choice, error_body, models_list
-from ..engine.sequence import EngineError, QueueFull
 
 RETRY_AFTER_S = 1
 INLINE_PROMPT_CHARS = 512  # tokenized on the event loop up to this size (well under a millisecond)
@@ -57,7 +57,7 @@ def openai_error_pages(app: FastAPI) -> FastAPI:
 
     async def not_here(http: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = (f"{http.method} {http.url.path}: {exc.detail}; this server answers POST /v1/completions, "
-                   "GET /v1/models, GET /health and GET /metrics")
+                   "GET /v1/models, POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /health and GET /metrics")
         return _error(exc.status_code, message, "invalid_request_error", headers=getattr(exc, "headers", None))
 
     async def unauthorized(http: Request, exc: Unauthorized) -> JSONResponse:
@@ -70,22 +70,27 @@ def openai_error_pages(app: FastAPI) -> FastAPI:
     return app
 
 
-COMPLETION_BODY = {"required": True, "content": {"application/json": {
-    "schema": {"$ref": "#/components/schemas/CompletionRequest"}}}}
+BODIES = (CompletionRequest, tokenization.TokenizeRequest, tokenization.DetokenizeRequest)
+
+
+def _body(model) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 def _document_request_body(app: FastAPI) -> None:
-    """/openapi.json describes the completions body. The route reads the body itself (size limit,
-    OpenAI-shaped errors), so FastAPI does not see the model: its schema is added here."""
+    """/openapi.json describes the request bodies. The routes read their bodies themselves (size
+    limit, OpenAI-shaped errors), so FastAPI does not see the models: their schemas are added here."""
     plain = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = plain()
-            body = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(body.pop("$defs", {}))
-            components["CompletionRequest"] = body
+            for model in BODIES:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
         return app.openapi_schema
 
     app.openapi = openapi
@@ -136,30 +141,54 @@ def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | C
     async def models():
         return models_list(name_of())
 
-    @router.post("/v1/completions", dependencies=guarded, openapi_extra={"requestBody": COMPLETION_BODY})
+    @router.post("/tokenize", dependencies=guarded, openapi_extra=_body(tokenization.TokenizeRequest))
+    async def tokenize(http: Request):
+        """Text to CPM's token ids, as the server tokenizes (vLLM's shape)."""
+        return await _tokens(http, get_engine(), tokenization.TokenizeRequest, tokenization.tokenize)
+
+    @router.post("/detokenize", dependencies=guarded, openapi_extra=_body(tokenization.DetokenizeRequest))
+    async def detokenize(http: Request):
+        """Token ids to text."""
+        return await _tokens(http, get_engine(), tokenization.DetokenizeRequest, tokenization.detokenize)
+
+    @router.get("/tokenizer_info", dependencies=guarded)
+    async def tokenizer_info():
+        """The tokenizer's special tokens and limits."""
+        engine = get_engine()
+        if engine is None:
+            return _loading()
+        return tokenization.tokenizer_info(engine)
+
+    @router.post("/v1/completions", dependencies=guarded, openapi_extra=_body(CompletionRequest))
     async def create_completion(http: Request):
         engine = get_engine()
         if engine is None:
-            return _error(503, "the model is still loading; retry shortly", "server_error",
-                          headers={"Retry-After": str(RETRY_AFTER_S)})
+            return _loading()
         raw = await _read_body(http)
         if raw is None:
             return _error(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
         model_name = name_of()
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        loop, events, scored = asyncio.get_running_loop(), asyncio.Queue(), asyncio.get_running_loop().create_future()
 
         def sink_for(k):
             return lambda ev: loop.call_soon_threadsafe(events.put_nowait, (k, ev))
 
+        def score_sink(result):
+            loop.call_soon_threadsafe(lambda: scored.done() or scored.set_result(result))
+
         try:
             body = completions.parse(raw, engine, model_name)
             # short prompts inline (a thread hop costs more than jieba on them), long ones off the loop
-            make = lambda: completions.make_requests(engine, body, timeout_of(), sink_for)  # noqa: E731
+            def make():
+                return (completions.make_requests(engine, body, timeout_of(), sink_for),
+                        completions.score_request(engine, body, score_sink))
             short = sum(len(p) for p in body.prompts()) <= INLINE_PROMPT_CHARS
-            requests = make() if short else await run_in_threadpool(make)
+            requests, score = make() if short else await run_in_threadpool(make)
         except completions.BodyError as e:
             return JSONResponse(e.body, status_code=e.status)
         try:
+            if score is not None:
+                engine.submit_scoring(score)
             for r in requests:
                 engine.submit(r)
         except EngineError as e:  # QueueFull is one: a partly submitted call is withdrawn whole
@@ -168,40 +197,71 @@ def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | C
             if isinstance(e, QueueFull):
                 return _error(429, f"server busy: {e}", "rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
             return _error(503, str(e), "server_error")
+        call = _Call(requests, events, completions.Choices(engine, body, requests, score))
+        try:
+            echoed = call.choices.echoed(completions.scored(await scored) if score is not None else None)
+        except completions.BodyError as e:  # scoring failed: so does the call
+            call.cancel()
+            return JSONResponse(e.body, status_code=e.status)
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
         ids = CompletionIds(model_name)
-        call = _Call(requests, events, body.n or 1)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(call, ids, include_usage), media_type="text/event-stream")
+            return StreamingResponse(_stream(call, ids, include_usage, echoed), media_type="text/event-stream")
         return await _collect(call, ids, http)
 
     return router
 
 
-class _Call:
-    """The engine requests of one HTTP call (one per prompt) and their events, in choice order."""
+def _loading() -> JSONResponse:
+    return _error(503, "the model is still loading; retry shortly", "server_error",
+                  headers={"Retry-After": str(RETRY_AFTER_S)})
 
-    def __init__(self, requests, events: asyncio.Queue, n: int):
-        self.requests, self.events, self.n = requests, events, n
-        self.open = len(requests) * n
+
+async def _tokens(http: Request, engine, model, answer) -> JSONResponse | dict:
+    """A tokenizer route: the body checked against ``model``, then ``answer(engine, body)`` off the
+    event loop (jieba on a long text takes a while)."""
+    if engine is None:
+        return _loading()
+    raw = await _read_body(http)
+    if raw is None:
+        return _error(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
+    try:
+        body = model.model_validate_json(raw)
+        return await run_in_threadpool(answer, engine, body)
+    except ValidationError as e:
+        return JSONResponse(validation_error_body(e, prompt_shapes="a string"), status_code=400)
+    except RequestError as e:
+        return _error(400, str(e), param=e.param)
+
+
+class _Call:
+    """The engine requests of one HTTP call (one per prompt), their events, and the choices they build."""
+
+    def __init__(self, requests, events: asyncio.Queue, choices: "completions.Choices"):
+        self.requests, self.events, self.choices = requests, events, choices
+        self.open = len(requests) * choices.n
 
     async def next(self, timeout: float | None = None):
         k, ev = await asyncio.wait_for(self.events.get(), timeout)
         if ev.kind == "finish":
             self.open -= 1
-        return k * self.n + ev.index, ev
+        return k * self.choices.n + ev.index, ev
+
+    def take(self, index: int, ev) -> dict:
+        """An event into its choice; returns the streamed choice."""
+        if ev.kind == "token":
+            return self.choices.add(index, ev.text, ev.logprobs)
+        return self.choices.add(index, "", reason=ev.reason)
 
     def cancel(self) -> None:
         for r in self.requests:
             r.cancel()
 
-    def usage(self) -> dict:
-        return completions.call_usage(self.requests)
-
 
 async def _collect(call: _Call, ids: CompletionIds, http: Request) -> JSONResponse:
-    texts = [""] * (len(call.requests) * call.n)
-    reasons: list[str | None] = [None] * len(texts)
     try:
         while call.open:
             try:
@@ -213,29 +273,32 @@ async def _collect(call: _Call, ids: CompletionIds, http: Request) -> JSONRespon
                 continue
             if failed := completions.failure(ev):
                 return JSONResponse(failed.body, status_code=failed.status)
-            if ev.kind == "token":
-                texts[index] += ev.text
-            else:
-                reasons[index] = ev.reason
+            call.take(index, ev)
     finally:
         call.cancel()  # no-op for finished requests; frees slots of the rest
-    return JSONResponse(completions.completion(ids, texts, reasons, call.requests))
+    if not call.requests:
+        call.choices.finish_echo_only()
+    return JSONResponse(call.choices.completion(ids))
 
 
-async def _stream(call: _Call, ids: CompletionIds, include_usage: bool):
+async def _stream(call: _Call, ids: CompletionIds, include_usage: bool, echoed: list[dict]):
     def sse(obj) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     try:
+        for c in echoed:
+            yield sse(ids.chunk([c]))
         while call.open:
             index, ev = await call.next()
             if failed := completions.failure(ev):
                 yield sse(failed.body)
                 return
-            text, reason = (ev.text, None) if ev.kind == "token" else ("", ev.reason)
-            yield sse(ids.chunk([choice(index, text, reason)]))
+            yield sse(ids.chunk([call.take(index, ev)]))
+        if not call.requests:
+            for c in call.choices.finish_echo_only():
+                yield sse(ids.chunk([c]))
         if include_usage:
-            yield sse(ids.chunk([], call.usage()))
+            yield sse(ids.chunk([], call.choices.usage()))
         yield "data: [DONE]\n\n"
     finally:  # a client that went away: its sequences leave the batch at the next step
         call.cancel()

@@ -70,7 +70,8 @@ def test_an_openai_batch_file_gets_cpm_serves_answers(trained_bundle, trained_ge
              {"custom_id": "b", "method": "POST", "url": "/v1/completions",
               "body": {"prompt": [PROMPTS[1], PROMPTS[2]], "max_tokens": 4, "temperature": 0, "n": 2}},
              {"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "n": 0}},
-             {"custom_id": "d", "method": "POST", "url": "/v1/completions", "body": body | {"echo": True}},
+             {"custom_id": "d", "method": "POST", "url": "/v1/completions",
+              "body": body | {"echo": True, "logprobs": 2, "max_tokens": 1}},
              {"custom_id": "e", "method": "POST", "url": "/v1/chat/completions", "body": body},
              {"method": "POST", "url": "/v1/completions", "body": body}]
     text = "\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n{oops\n"
@@ -89,7 +90,10 @@ def test_an_openai_batch_file_gets_cpm_serves_answers(trained_bundle, trained_ge
     assert [c["index"] for c in got[1]["response"]["body"]["choices"]] == [0, 1, 2, 3]  # prompt-major, as served
     c, d = got[2]["response"], got[3]["response"]
     assert c["status_code"] == 400 and c["body"]["error"]["param"] == "n"
-    assert d["status_code"] == 400 and "echo is not supported" in d["body"]["error"]["message"]
+    echoed = d["body"]["choices"][0]  # scored as cpm-serve scores it: the prompt's tokens, then one more
+    assert d["status_code"] == 200 and echoed["text"] == PROMPTS[0] + want[:len(echoed["text"]) - len(PROMPTS[0])]
+    assert echoed["logprobs"]["token_logprobs"][0] is None and len(echoed["logprobs"]["top_logprobs"][1]) == 2
+    assert len(echoed["logprobs"]["tokens"]) == len(trained_generator.tokenizer.encode(PROMPTS[0])) + 1
     for g, what in ((got[4], "only POST /v1/completions"), (got[5], "custom_id"), (got[6], "not JSON")):
         assert g["response"] is None and what in g["error"]["message"]
 

@@ -56,6 +56,15 @@ def test_two_replicas_serve_through_the_proxy(cluster, trained_bundle, trained_g
     assert len(chunks) >= 2 and "".join(c.choices[0].text for c in chunks) == want
     bad = httpx.post(f"{cluster}/v1/completions", json={"prompt": "清华", "n": 0}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
+    # scoring over the API: the tokenizer routes and an echo with logprobs, through Ray's proxy
+    ids = httpx.post(f"{cluster}/tokenize", json={"prompt": "清华大学是中国"}, timeout=30).json()["tokens"]
+    assert ids == trained_generator.tokenizer.encode("清华大学是中国")
+    assert httpx.post(f"{cluster}/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"] == "清华大学是中国"
+    echo = httpx.post(f"{cluster}/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 2},
+                      timeout=60).json()["choices"][0]["logprobs"]
+    assert echo["token_logprobs"][0] is None and len(echo["token_logprobs"]) == len(ids) and len(echo["top_logprobs"][1]) == 2
+    for body in ({"prompt": "清华", "logprobs": 6}, {"prompt": "清华", "max_tokens": 0}):
+        assert httpx.post(f"{cluster}/v1/completions", json=body, timeout=30).status_code == 400
     chat = httpx.post(f"{cluster}/v1/chat/completions", json={"messages": []}, timeout=30)
     assert chat.status_code == 404 and "/v1/completions" in chat.json()["error"]["message"]
     serve.delete("cpm")

@@ -29,6 +29,7 @@ class CPMGenerator:
     def __init__(self, decoder, tokenizer: CPMTokenizer, config: dict):
         self.decoder, self.tokenizer, self.config = decoder, tokenizer, config
         self.graph_name: str | None = None  # the manifest graph it runs, when loaded from a bundle
+        self.source: dict | None = None  # how it was loaded from a bundle (path, provider, threads, verify)
         self.n_positions = config["n_positions"]
         self.eod_id = config.get("eod_id", tokenizer.eod_id)
         # a model vocabulary padded past the tokenizer's must never yield ids that cannot be decoded
@@ -59,6 +60,7 @@ class CPMGenerator:
             raise ValueError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
         gen = cls(decoder, CPMTokenizer(bundle.tokenizer_path), bundle.config)
         gen.graph_name = name
+        gen.source = {"path": Path(path), "provider": provider, "threads": threads, "verify": verify}
         return gen
 
     # -- the pipeline-style call ------------------------------------------------------------------

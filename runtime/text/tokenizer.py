@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from ..backends.padding import left_pad
 log = logging.getLogger("cpm_deploy")
 
 SPACE, NEWLINE = "\u2582", "\u2583"
+SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<sep>", "<pad>", "<mask>", "<eod>")  # as Hugging Face tokenizers read them
 # CPM-Generate's own vocabulary (MIT, 713 KB), shipped as the default: see vocab/NOTICE
 DEFAULT_VOCAB = Path(__file__).with_name("vocab") / "chinese_vocab.model"
 _TO_PIECES = str.maketrans({" ": SPACE, "\n": NEWLINE})
@@ -79,6 +81,9 @@ class CPMTokenizer:
         # The release before 2020-11-22 has <cls> at id 3 and no newline piece: '\n' becomes <unk>.
         self.supports_newline = self.sp.piece_to_id(NEWLINE) != self.unk_id
         self._warned_newline = False
+        self.special = {p: self.sp.piece_to_id(p) for p in SPECIAL_PIECES
+                        if p == "<unk>" or self.sp.piece_to_id(p) != self.unk_id}
+        self._special_split = re.compile("(" + "|".join(map(re.escape, self.special)) + ")")
 
     def _special(self, piece: str, default: int) -> int:
         i = self.sp.piece_to_id(piece)
@@ -103,6 +108,18 @@ class CPMTokenizer:
             log.warning("this chinese_vocab.model is the release before 2020-11-22 (no newline piece): "
                         "newlines encode to <unk>; use the current vocabulary")
         return self.sp.encode(self.tokenize(text))
+
+    def encode_with_special(self, text: str) -> list[int]:
+        """As ``encode``, but the vocabulary's special tokens written out in the text (``<eod>``,
+        ``<pad>``, ...) are those tokens, as Hugging Face tokenizers read them; CPM's own code (and
+        ``encode``) reads them as plain characters."""
+        ids: list[int] = []
+        for part in self._special_split.split(text):
+            if part in self.special:
+                ids.append(self.special[part])
+            elif part:
+                ids += self.encode(part)
+        return ids
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
