@@ -125,7 +125,7 @@ def export_bundle(src: Path, out: Path, options: ExportOptions = ExportOptions()
         _add_score_graphs(tmp, graphs, gate, tokenizer, options, step)
         t_variants = time.perf_counter()
 
-        tok_entry = _copy_tokenizer(tokenizer, tmp)
+        tok_entry = _copy_tokenizer(tokenizer, tmp, cfg.n_positions)
         # GPT-2 config beside decoder.onnx: Hugging Face tools (Optimum) load the bundle as it is
         (tmp / HF_CONFIG).write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
         left_out = _drop_standard_graphs(tmp, graphs) if options.variants_only and options.variants else {}
@@ -294,16 +294,24 @@ def _check_vocabularies(tokenizer: Path, model_vocab: int) -> None:
             model_vocab, size, model_vocab - size)
 
 
-def _copy_tokenizer(tokenizer: Path, folder: Path) -> dict:
-    shutil.copyfile(tokenizer, folder / tokenizer.name)
-    entry = {"file": tokenizer.name}
+def _copy_tokenizer(tokenizer: Path, folder: Path, n_positions: int) -> dict:
+    """The sentencepiece model as spiece.model (the name Hugging Face tokenizers look for), its
+    vocab.json if there is one, and the Hugging Face tokenizer files (exporter/hf_tokenizer.py,
+    copied, never imported here: exports need no transformers)."""
+    shutil.copyfile(tokenizer, folder / HF_SPIECE)
+    entry = {"file": HF_SPIECE}
     vocab = tokenizer.parent / "vocab.json"
     if vocab.is_file():
         shutil.copyfile(vocab, folder / "vocab.json")
         entry["vocab"] = "vocab.json"
-    return entry
+    shutil.copyfile(Path(__file__).with_name("hf_tokenizer.py"), folder / HF_TOKENIZER_CODE)
+    config = {"tokenizer_class": "CPMDeployTokenizer", "model_max_length": n_positions,
+              "auto_map": {"AutoTokenizer": [f"{HF_TOKENIZER_CODE.removesuffix('.py')}.CPMDeployTokenizer", None]}}
+    (folder / HF_TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return entry | {"hf_config": HF_TOKENIZER_CONFIG, "hf_code": HF_TOKENIZER_CODE}
 
 
+HF_SPIECE, HF_TOKENIZER_CONFIG, HF_TOKENIZER_CODE = "spiece.model", "tokenizer_config.json", "tokenization_cpm_deploy.py"
 SAMPLE_TEXT = ["清华大学是中国著名的高等学府，位于北京市海淀区。", "今天天气很好，我们一起去公园散步吧。",
                "人工智能技术正在改变我们的生活和工作方式。"]
 
