@@ -30,7 +30,10 @@ try:
     from cpm_deploy.runtime.generation.benchmark import measure
 except ImportError:  # before runtime/ had subpackages
     from cpm_deploy.runtime.benchmark import measure
-from cpm_deploy.engine import Engine
+try:
+    from cpm_deploy.engine import Engine
+except ImportError:  # before the engine left serve/
+    from cpm_deploy.serve import Engine
 
 gen = CPMGenerator.from_bundle(bundle, variant=graph, threads=threads, verify=False)
 lines = open(sys.argv[4], encoding="utf-8").read().splitlines()

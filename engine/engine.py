@@ -296,11 +296,11 @@ class Engine:
 
     def _take_tokens(self, seqs: list[Sequence], logits: np.ndarray) -> None:
         asked = [i for i, s in enumerate(seqs) if s.request.logprobs is not None]
-        raw = logits[asked] if asked else None  # a copy, before sampling's settings touch the logits
         tokens = choose_next(logits, [s.decoding for s in seqs], self.generator.decodable)
-        if asked:
+        if asked:  # sampling's settings work on copies: the logits are still the model's own
+            rows = logits if len(asked) == len(seqs) else logits[asked]
             top = max(seqs[i].request.logprobs for i in asked)
-            for i, lp in zip(asked, logprobs_of(raw[:, :self.generator.decodable], tokens[asked], top)):
+            for i, lp in zip(asked, logprobs_of(rows[:, :self.generator.decodable], tokens[asked], top)):
                 if int(tokens[i]) != self.generator.eod_id:  # <eod> ends the text; it is no token of it
                     seqs[i].pending.append(TokenLogprob(lp.token, lp.logprob, lp.top[:seqs[i].request.logprobs]))
         now = time.perf_counter()

@@ -28,7 +28,7 @@ class SchedulerLimits:
     max_queue: int = 64  # requests that may wait for a slot
     # prompt tokens prefilled between two decode steps while streams run (the chunk size): a long
     # prompt costs a running stream one chunk per token, not its whole length
-    prefill_tokens: int = 64
+    prefill_tokens: int = 32
     # while a burst is still being admitted, decode steps wait (new requests reach their first
     # token sooner), but running sequences never wait longer than this for their next token
     max_decode_delay_s: float = 0.1

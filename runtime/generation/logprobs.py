@@ -26,11 +26,12 @@ def logprobs_of(logits: np.ndarray, chosen: np.ndarray, k: int) -> list[TokenLog
     logits = np.asarray(logits, np.float32)
     rows = np.arange(len(logits))
     peak = logits.max(-1)
-    lse = peak + np.log(np.exp(logits - peak[:, None]).sum(-1))
+    shifted = logits - peak[:, None]
+    lse = peak + np.log(np.exp(shifted, out=shifted).sum(-1))  # one temporary: this runs every step
     picked = logits[rows, chosen] - lse
     if k <= 0:
         return [TokenLogprob(int(t), float(lp)) for t, lp in zip(chosen, picked)]
-    top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
+    top = np.argpartition(logits, logits.shape[-1] - k, axis=-1)[:, -k:]
     top_values = logits[rows[:, None], top]
     order = np.argsort(-top_values, axis=-1, kind="stable")
     top, top_lp = np.take_along_axis(top, order, -1), np.take_along_axis(top_values, order, -1) - lse[:, None]
