@@ -56,6 +56,8 @@ def make_requests(engine: Engine, body: CompletionRequest, timeout_s: float | No
     try:
         sampling = body.sampling()
         if body.max_tokens == 0 or next_from_scores(body):  # the scoring pass answers it whole
+            for p in body.prompts():
+                engine.prompt_ids(p)  # checked now: an echo alone reads them only to answer
             return []
         new = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         return [engine.make_request(p, new, body.n or 1, timeout_s, sink=sink_for(k), stream=bool(body.stream),

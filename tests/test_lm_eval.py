@@ -36,6 +36,17 @@ def tnews_folder(tmp_path) -> Path:
     return folder
 
 
+def test_the_card_s_contexts_split_where_lm_eval_splits_them(tnews_folder, trained_generator):
+    """lm-eval encodes context + continuation whole and splits at the context's length; cpm-eval
+    encodes them apart. jieba cuts at the contexts' final '：', so the two agree."""
+    from cpm_deploy.runtime.eval import load_task
+
+    enc = trained_generator.tokenizer.encode
+    for ex in load_task("tnews", tnews_folder, limit=300).examples:
+        for context, sentence in ex.texts:
+            assert enc(context + sentence) == enc(context) + enc(sentence), (context, sentence)
+
+
 def cpm_eval_predictions(bundle, folder) -> list[int]:
     from cpm_deploy.runtime import CPMTokenizer
     from cpm_deploy.runtime.eval import classify, encode_examples, load_task, open_scorer

@@ -108,6 +108,7 @@ def test_an_echo_of_one_greedy_token_is_the_echo_and_generation_of_it(servers, t
     ({"prompt": "清华", "max_tokens": 0}, "max_tokens"),
     ({"prompt": [5] * 200, "max_tokens": 0, "echo": True, "logprobs": 1}, "prompt"),  # 128 positions
     ({"prompt": [5] * 200, "max_tokens": 2}, None),
+    ({"prompt": [10 ** 6], "max_tokens": 0, "echo": True}, None),  # an echo alone still checks its ids
 ])
 def test_bad_scoring_requests_get_openai_shaped_400s(servers, body, param):
     status, answer = post(servers["cpu-fp32"], body)
