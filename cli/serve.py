@@ -45,17 +45,19 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
               help="Require 'Authorization: Bearer KEY' (the openai client's api_key) on every route but /health. "
                    "Prefer the environment variable: an option shows in process listings.")
 @click.option("--open-metrics", is_flag=True, help="Serve /metrics without the API key (for a scraper).")
+@click.option("--no-playground", is_flag=True, help="Serve no playground page at / (the API alone).")
 @click.option("--no-warm-up", is_flag=True, help="Report ready after one first run instead of after running every "
                                                   "batch shape once (faster start, slower first burst).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the graph's files (paths are still checked).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tokens, prefix_cache_tokens, no_prefix_cache,
-         threads, timeout_s, drain_s, model_name, api_key, open_metrics, no_warm_up, no_verify, verbose):
+         threads, timeout_s, drain_s, model_name, api_key, open_metrics, no_playground, no_warm_up, no_verify, verbose):
     """Serve the model in BUNDLE over OpenAI's completions API.
 
-    Routes: POST /v1/completions (streaming with "stream": true), GET /v1/models, GET /health
-    (ready once the bundle is loaded), GET /metrics (Prometheus). Requests join the running
-    batch at the next decode step and leave it when they finish. SIGTERM stops accepting, lets
+    Routes: POST /v1/completions (streaming with "stream": true; logprobs and echo), GET /v1/models,
+    POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /health (ready once the bundle is
+    loaded), GET /metrics (Prometheus), and GET / (a playground page: open it in a browser).
+    Requests join the running batch at the next decode step and leave it when they finish. SIGTERM stops accepting, lets
     open requests finish within --drain seconds, and exits 0.
 
     \b
@@ -92,6 +94,7 @@ def main(bundle, host, port, graph, max_batch, max_queue, max_total, prefill_tok
                           max_total=max_total, prefill_tokens=prefill_tokens,
                           prefix_cache_tokens=0 if no_prefix_cache else prefix_cache_tokens, timeout_s=timeout_s, drain_s=drain_s,
                           model_name=model_name, verify=not no_verify, api_key=api_key, open_metrics=open_metrics,
+                          playground=not no_playground,
                           warm_up=not no_warm_up)
     with user_errors():
         config.check_memory()

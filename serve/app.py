@@ -46,7 +46,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     app = openai_error_pages(FastAPI(title="cpm-serve", lifespan=lifespan, docs_url=None, redoc_url=None))
     app.include_router(build_router(lambda: state["engine"], config.name, config.timeout_s, lambda: state["error"],
                                     api_key=lambda: config.api_key,
-                                    metrics_key=lambda: None if config.open_metrics else config.api_key))
+                                    metrics_key=lambda: None if config.open_metrics else config.api_key,
+                                    playground=lambda: config.playground))
     return app
 
 

@@ -33,6 +33,7 @@ class ServerConfig:
     warm_up: bool = True  # /health says ready once every batch shape has run once
     api_key: str | None = field(default=None, repr=False)  # never in a log line
     open_metrics: bool = False  # /metrics without the API key (a scraper inside the network)
+    playground: bool = True  # GET / serves the playground page
 
     @property
     def name(self) -> str:

@@ -47,10 +47,15 @@ def _metrics_key():
     return _replica.get("metrics_key")
 
 
+def _playground() -> bool:
+    return _replica.get("playground", True)
+
+
 def _start(args: "RayServeArgs") -> None:
     config = args.server_config()
     _replica.update(engine=config.load(), name=config.name, timeout_s=config.timeout_s, api_key=config.api_key,
-                    metrics_key=None if config.open_metrics else config.api_key, drain_s=config.drain_s)
+                    metrics_key=None if config.open_metrics else config.api_key, drain_s=config.drain_s,
+                    playground=config.playground)
 
 
 def _stop() -> None:
@@ -59,7 +64,8 @@ def _stop() -> None:
 
 
 api = openai_error_pages(FastAPI(title="cpm-serve on Ray", docs_url=None, redoc_url=None))
-api.include_router(build_router(_engine, _name, _timeout, api_key=_api_key, metrics_key=_metrics_key))
+api.include_router(build_router(_engine, _name, _timeout, api_key=_api_key, metrics_key=_metrics_key,
+                                playground=_playground))
 
 
 @api.middleware("http")

@@ -10,10 +10,11 @@ import asyncio
 import hmac
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,6 +24,7 @@ from ..api.openai_protocol import CompletionIds, CompletionRequest, error_body, 
 from ..engine import Engine, EngineError, QueueFull, RequestError
 from ..engine.errors import ServeError
 
+PLAYGROUND = Path(__file__).with_name("playground.html")
 RETRY_AFTER_S = 1
 INLINE_PROMPT_CHARS = 512  # tokenized on the event loop up to this size (well under a millisecond)
 MAX_BODY_BYTES = 4 * 1024 * 1024  # 1024 positions of text fit many times over; more is not a prompt
@@ -116,14 +118,24 @@ def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | C
                  timeout_s: "float | None | Callable[[], float | None]" = None,
                  load_error: Callable[[], str | None] = lambda: None,
                  api_key: Callable[[], "str | None"] = lambda: None,
-                 metrics_key: "Callable[[], str | None] | None" = None) -> APIRouter:
+                 metrics_key: "Callable[[], str | None] | None" = None,
+                 playground: Callable[[], bool] = lambda: True) -> APIRouter:
     """``model_name``, ``timeout_s`` and the keys may be callables: a Ray replica learns them only when
-    it starts. ``api_key`` guards every route but /health; ``metrics_key`` guards /metrics (default:
-    the API key)."""
+    it starts. ``api_key`` guards every route but /health and the playground page (which asks for
+    the key and sends it with its API calls); ``metrics_key`` guards /metrics (default: the API key)."""
     name_of = model_name if callable(model_name) else (lambda: model_name)
     timeout_of = timeout_s if callable(timeout_s) else (lambda: timeout_s)
     guarded = [Depends(key_check(api_key))]
     router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    async def playground_page():
+        """The playground: one static page that talks to /v1/completions like any client."""
+        if not playground():
+            raise StarletteHTTPException(404, "the playground is off (--no-playground)")
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"),
+                            headers={"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                     "script-src 'self' 'unsafe-inline'; connect-src 'self'; img-src 'self' data:"})
 
     @router.get("/health")
     async def health():
