@@ -116,7 +116,10 @@ def test_without_a_tokenizer_the_shipped_vocabulary_is_used(tmp_path, tiny_hf, t
     (ck / "spiece.model").unlink()
     result = CliRunner().invoke(export_cli, [str(ck), str(tmp_path / "b"), "-q"])
     assert result.exit_code == 0 and "vocabulary shipped with cpm-deploy" in result.output
-    assert Bundle.open(tmp_path / "b").manifest["tokenizer"]["file"] == "chinese_vocab.model"
+    assert Bundle.open(tmp_path / "b").manifest["tokenizer"]["file"] == "spiece.model"  # the name HF looks for
+    from cpm_deploy.runtime.text.tokenizer import DEFAULT_VOCAB
+
+    assert (tmp_path / "b" / "spiece.model").read_bytes() == DEFAULT_VOCAB.read_bytes()
     # a model whose vocabulary is not CPM's is told to bring its own
     write_random_checkpoint(dataclasses.replace(tiny_cfg, vocab_size=100), tmp_path / "small")
     result = CliRunner().invoke(export_cli, [str(tmp_path / "small"), str(tmp_path / "b2"), "-q"])
@@ -214,7 +217,8 @@ def test_variants_only_ships_what_was_asked(tmp_path, tiny_hf):
     assert list(m["graphs"]) == ["cpu-int4", "cpu-int8"] and m["default_graph"] == "cpu-int4"
     assert m["left_out"]["decoder"]["parity"]["passed"]
     assert set(m["files"]) == {"decoder_cpu_int4.onnx", "decoder_cpu_int4.onnx.data", "decoder_cpu_int8.onnx",
-                               "decoder_cpu_int8.onnx.data", "spiece.model", "config.json",
+                               "decoder_cpu_int8.onnx.data", "spiece.model", "tokenizer_config.json",
+                               "tokenization_cpm_deploy.py", "config.json",
                                "decoder_cpu_int4_score.onnx", "decoder_cpu_int8_score.onnx"}  # cpm-eval's twins
     assert {p.name for p in (tmp_path / "b").iterdir()} == set(m["files"]) | {"manifest.json"}
     assert CPMGenerator.from_bundle(tmp_path / "b").generate_ids(["清华"], max_new_tokens=2)

@@ -241,5 +241,6 @@ def test_export_straight_from_the_original_format(megatron_dir, tmp_path):
     m = export_bundle(megatron_dir, tmp_path / "bundle")
     assert m["source"]["format"] == "cpm-original"
     assert m["graphs"]["decoder"]["parity"]["passed"] and m["graphs"]["cpu-fp32"]["parity"]["passed"]
-    assert m["tokenizer"]["file"] == "chinese_vocab.model"
+    assert m["tokenizer"]["file"] == "spiece.model"  # the release's chinese_vocab.model, under Hugging Face's name
+    assert (tmp_path / "bundle" / "spiece.model").read_bytes() == (megatron_dir / "chinese_vocab.model").read_bytes()
     Bundle.open(tmp_path / "bundle")

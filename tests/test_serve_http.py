@@ -125,7 +125,7 @@ def test_prompt_lists_n_seed_stop_and_extra_fields_over_httpx(trained_server):
     ({"prompt": "清华", "temperature": "hot"}, "temperature"),
     ({"prompt": []}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
-    ({"prompt": "清华", "logprobs": 2}, "logprobs"),
+    ({"prompt": "清华", "logprobs": 9}, "logprobs"),
     ({"prompt": [5, 99999999], "max_tokens": 2}, None),
     ({"prompt": ["清华", ""], "max_tokens": 2}, None),
     ({"prompt": [[5, 6], []]}, "prompt"),
