@@ -65,6 +65,8 @@ def test_two_replicas_serve_through_the_proxy(cluster, trained_bundle, trained_g
     assert echo["token_logprobs"][0] is None and len(echo["token_logprobs"]) == len(ids) and len(echo["top_logprobs"][1]) == 2
     for body in ({"prompt": "清华", "logprobs": 6}, {"prompt": "清华", "max_tokens": 0}):
         assert httpx.post(f"{cluster}/v1/completions", json=body, timeout=30).status_code == 400
+    page = httpx.get(f"{cluster}/", timeout=30)  # the playground, behind Ray's proxy too
+    assert page.status_code == 200 and "CPM playground" in page.text
     chat = httpx.post(f"{cluster}/v1/chat/completions", json={"messages": []}, timeout=30)
     assert chat.status_code == 404 and "/v1/completions" in chat.json()["error"]["message"]
     serve.delete("cpm")
