@@ -87,10 +87,6 @@ class PrefixCache:
         self._touch(chain[:reached])
         return added
 
-    def clear(self) -> None:
-        self._free = list(range(self.blocks - 1, -1, -1))
-        self._entries.clear()
-
     def _make_room(self, protected: set[bytes]) -> bool:
         if self._free:
             return True

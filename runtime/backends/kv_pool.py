@@ -28,10 +28,6 @@ class KVPool:
         self.store = [np.zeros((n_head, store_blocks * block_size, head_dim), dtype) for _ in range(n_buffers)]
 
     @property
-    def store_blocks(self) -> int:
-        return self.store[0].shape[1] // self.block_size if self.store else 0
-
-    @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.buffers) + sum(s.nbytes for s in self.store)
 
