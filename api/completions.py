@@ -147,6 +147,12 @@ class Choices:
         body = logprobs_body(list(records), self.text_of, offset) if self.logprobs else None
         return choice(index, text, reason, body)
 
+    def take(self, index: int, ev: Event) -> dict:
+        """An engine event (token or finish) into choice ``index``; returns it as a streamed choice."""
+        if ev.kind == "token":
+            return self.add(index, ev.text, ev.logprobs)
+        return self.add(index, "", reason=ev.reason)
+
     def finish_echo_only(self) -> list[dict]:
         """max_tokens 0: every choice ends after its prompt (a one-token echo has ended already)."""
         return [self.add(i, "", reason="length") for i, r in enumerate(self.reasons) if r is None]

@@ -223,7 +223,7 @@ class Engine:
         with self._cv:
             plan = sched.plan()
             self.metrics.queue_depth.set(len(sched.waiting))
-        if plan.chunks:
+        if plan.chunks or plan.reused:  # a cached prefix is loaded even in a pass with no chunk for it
             self._prefill(plan)
         if sched.decode_due(plan.admitted):
             self._decode()
@@ -347,7 +347,7 @@ class Engine:
 
 def _twin_of(generator: CPMGenerator):
     """Opens the one-pass scorer of the generator's graph in its bundle (None: not from a bundle)."""
-    if generator.source is None or generator.decoder.kind == "tensorrt":
+    if generator.source is None:
         return None
     from ..runtime.eval import open_scorer
 

@@ -213,8 +213,7 @@ class EngineJob:
             job.record = self._failed(job.line, failed.status, failed.body["error"]["message"], failed.body)
             return job.submitted - job.done
         if job.choices is not None:
-            job.choices.add(k * n + ev.index, ev.text, ev.logprobs) if ev.kind == "token" else \
-                job.choices.add(k * n + ev.index, "", reason=ev.reason)
+            job.choices.take(k * n + ev.index, ev)
         if ev.kind == "token":
             job.texts[k * n + ev.index] += ev.text
             return 0

@@ -7,6 +7,7 @@ The same router serves under uvicorn (``serve.app``) and inside Ray Serve replic
 # No `from __future__ import annotations`: FastAPI reads these signatures, and in a Ray replica the
 # route functions arrive pickled by value, without the module globals a string annotation needs.
 import asyncio
+import functools
 import hmac
 import json
 from collections.abc import Callable
@@ -133,7 +134,7 @@ def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | C
         """The playground: one static page that talks to /v1/completions like any client."""
         if not playground():
             raise StarletteHTTPException(404, "the playground is off (--no-playground)")
-        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"),
+        return HTMLResponse(_playground_page(),
                             headers={"Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
                                      "script-src 'self' 'unsafe-inline'; connect-src 'self'; img-src 'self' data:"})
 
@@ -180,7 +181,8 @@ def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | C
         if raw is None:
             return _error(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
         model_name = name_of()
-        loop, events, scored = asyncio.get_running_loop(), asyncio.Queue(), asyncio.get_running_loop().create_future()
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        scored = loop.create_future()
 
         def sink_for(k):
             return lambda ev: loop.call_soon_threadsafe(events.put_nowait, (k, ev))
@@ -227,6 +229,11 @@ def build_router(get_engine: Callable[[], "Engine | None"], model_name: "str | C
     return router
 
 
+@functools.cache
+def _playground_page() -> str:
+    return PLAYGROUND.read_text(encoding="utf-8")
+
+
 def _loading() -> JSONResponse:
     return _error(503, "the model is still loading; retry shortly", "server_error",
                   headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -262,12 +269,6 @@ class _Call:
             self.open -= 1
         return k * self.choices.n + ev.index, ev
 
-    def take(self, index: int, ev) -> dict:
-        """An event into its choice; returns the streamed choice."""
-        if ev.kind == "token":
-            return self.choices.add(index, ev.text, ev.logprobs)
-        return self.choices.add(index, "", reason=ev.reason)
-
     def cancel(self) -> None:
         for r in self.requests:
             r.cancel()
@@ -285,7 +286,7 @@ async def _collect(call: _Call, ids: CompletionIds, http: Request) -> JSONRespon
                 continue
             if failed := completions.failure(ev):
                 return JSONResponse(failed.body, status_code=failed.status)
-            call.take(index, ev)
+            call.choices.take(index, ev)
     finally:
         call.cancel()  # no-op for finished requests; frees slots of the rest
     if not call.requests:
@@ -305,7 +306,7 @@ async def _stream(call: _Call, ids: CompletionIds, include_usage: bool, echoed: 
             if failed := completions.failure(ev):
                 yield sse(failed.body)
                 return
-            yield sse(ids.chunk([call.take(index, ev)]))
+            yield sse(ids.chunk([call.choices.take(index, ev)]))
         if not call.requests:
             for c in call.choices.finish_echo_only():
                 yield sse(ids.chunk([c]))

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..system import huge_pages
 from .kv_pool import KVPool
-from .padding import left_pad, right_pad
+from .padding import left_pad
 from .session import create_session, np_type
 
 # Prompts longer than this run in chunks, each attending to what the earlier ones cached:
@@ -153,9 +153,8 @@ def _lengths(lengths: np.ndarray, query: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def prompt_feeds(rows: list[list[int]], pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Whole prompts into empty cache rows, right-padded (scoring graphs take the same feeds)."""
-    ids, pos, lengths = right_pad(rows, pad_id)
-    return {"input_ids": ids, "position_ids": pos, **_lengths(lengths, lengths)}
+    """Whole prompts into empty cache rows, right-padded, in one call (scoring graphs take these)."""
+    return continuation_feeds(rows, np.zeros(len(rows), np.int64), 0, max(len(r) for r in rows), pad_id)[0]
 
 
 def continuation_feeds(rows: list[list[int]], cached: np.ndarray, start: int, width: int,

@@ -178,13 +178,17 @@ class FullLogitsScorer(Scorer):
         self.kv_shape = [cfg["n_head"], 0, cfg["n_embd"] // cfg["n_head"]]  # an empty past per row
         self.past_names = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
 
-    def _score(self, prefixes, continuations):
-        rows = [p + c for p, c in zip(prefixes, continuations)]
-        ids, pos, lengths = right_pad([r[:-1] for r in rows], self.tokenizer.pad_id)
+    def _logits(self, rows: list[list[int]]) -> np.ndarray:
+        """Logits [B, S, V] at every position of the right-padded rows, from an empty past."""
+        ids, pos, lengths = right_pad(rows, self.tokenizer.pad_id)
         mask = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)
         past = np.zeros((len(rows), *self.kv_shape), np.float32)
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos} | dict.fromkeys(self.past_names, past)
-        logits = self.session.run(["logits"], feeds)[0]
+        return self.session.run(["logits"], feeds)[0]
+
+    def _score(self, prefixes, continuations):
+        rows = [p + c for p, c in zip(prefixes, continuations)]
+        logits = self._logits([r[:-1] for r in rows])
         targets = right_pad([r[1:] for r in rows], 0)[0]
         return [_picked_logprobs(logits[b, len(p) - 1:len(r) - 1], targets[b, len(p) - 1:len(r) - 1])
                 for b, (p, r) in enumerate(zip(prefixes, rows))]
@@ -192,11 +196,7 @@ class FullLogitsScorer(Scorer):
     def _positions(self, rows, top):
         from ..generation.logprobs import logprobs_of
 
-        ids, pos, lengths = right_pad(rows, self.tokenizer.pad_id)
-        mask = (np.arange(ids.shape[1]) < lengths[:, None]).astype(np.int64)
-        past = np.zeros((len(rows), *self.kv_shape), np.float32)
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos} | dict.fromkeys(self.past_names, past)
-        logits = self.session.run(["logits"], feeds)[0]
+        logits = self._logits(rows)
         out = []
         for b, r in enumerate(rows):
             got = logprobs_of(logits[b, :len(r)], np.array(r[1:] + [0]), top)
